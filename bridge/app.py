@@ -1,0 +1,262 @@
+"""The HTTP ingress: verify each webhook, publish it, answer 2xx only after the broker confirmed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from bridge.dedup import Deduplicator, FirstCopyAbandoned
+from bridge.events import classify
+from bridge.metrics import CONTENT_TYPE_LATEST, Metrics, RequestOutcome
+from bridge.publisher import (
+    AmqpPublisher,
+    BrokerUnavailable,
+    Outcome,
+    Publisher,
+    Topology,
+    route,
+)
+from bridge.settings import Settings
+from bridge.signature import (
+    MalformedWebhookHeaders,
+    SignatureMismatch,
+    SignatureVerifier,
+    TimestampOutOfTolerance,
+    WebhookHeaders,
+    WebhookVerificationError,
+)
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/openai"
+JSON = "application/json"
+_LOGGED_ID_LENGTH = 80
+
+
+class Rejection(Exception):
+    """A request answered with an error status; ``reason`` is safe to log and return."""
+
+    def __init__(self, status: int, outcome: RequestOutcome, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.outcome = outcome
+        self.reason = reason
+
+
+_VERIFICATION_STATUS: dict[type[WebhookVerificationError], tuple[int, RequestOutcome]] = {
+    MalformedWebhookHeaders: (400, RequestOutcome.BAD_REQUEST),
+    TimestampOutOfTolerance: (401, RequestOutcome.UNAUTHORIZED),
+    SignatureMismatch: (401, RequestOutcome.UNAUTHORIZED),
+}
+
+_OUTCOME_OF_PUBLISH = {
+    Outcome.PUBLISHED: RequestOutcome.PUBLISHED,
+    Outcome.UNROUTED: RequestOutcome.UNROUTED,
+    Outcome.QUARANTINED: RequestOutcome.QUARANTINED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What one confirmed publish produced, shared with its duplicates."""
+
+    outcome: Outcome
+    event_type: str | None
+
+
+@dataclass
+class Ingress:
+    """Everything a webhook request needs, built once per app."""
+
+    settings: Settings
+    publisher: Publisher
+    topology: Topology
+    verifier: SignatureVerifier
+    metrics: Metrics
+    dedup: Deduplicator[Delivery]
+    shutting_down: bool = False
+    _success_bodies: dict[RequestOutcome, bytes] = field(
+        default_factory=lambda: {
+            outcome: f'{{"outcome":"{outcome.value}"}}'.encode() for outcome in RequestOutcome
+        }
+    )
+
+    async def handle(self, request: web.Request) -> web.Response:
+        received = time.monotonic()
+        try:
+            body = await self._read_body(request)
+            headers = WebhookHeaders.from_mapping(request.headers)
+            secret_index = self.verifier.verify(headers, body)
+            self.metrics.secret_matched(secret_index)
+            delivery = await self.dedup.once(
+                headers.webhook_id, lambda: self._deliver(headers, body)
+            )
+        except WebhookVerificationError as error:
+            status, outcome = _VERIFICATION_STATUS[type(error)]
+            return self._reject(request, Rejection(status, outcome, str(error)))
+        except Rejection as rejection:
+            return self._reject(request, rejection)
+        except (BrokerUnavailable, FirstCopyAbandoned) as error:
+            return self._reject(
+                request, Rejection(503, RequestOutcome.UNAVAILABLE, str(error) or "unavailable")
+            )
+        if delivery is None:
+            outcome = RequestOutcome.DUPLICATE
+        else:
+            outcome = _OUTCOME_OF_PUBLISH[delivery.outcome]
+            self.metrics.publish_seconds.observe(time.monotonic() - received)
+            if delivery.outcome is not Outcome.QUARANTINED:
+                self.metrics.event_published(delivery.event_type or "")
+        self.metrics.count(outcome)
+        return web.Response(body=self._success_bodies[outcome], content_type=JSON)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        declared = request.content_length
+        limit = self.settings.max_body_bytes
+        if declared is not None and declared > limit:
+            raise Rejection(413, RequestOutcome.TOO_LARGE, f"body of {declared} bytes over {limit}")
+        try:
+            if request.content.is_eof():
+                return await request.read()  # already received whole: nothing to time out
+            async with asyncio.timeout(self.settings.body_timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes") from None
+        except TimeoutError:
+            raise Rejection(
+                408, RequestOutcome.BAD_REQUEST, "body not received within the time limit"
+            ) from None
+
+    async def _deliver(self, headers: WebhookHeaders, body: bytes) -> Delivery:
+        event = classify(body)
+        if event.kind == "malformed":
+            logger.warning(
+                "quarantining authentic but malformed webhook",
+                extra={"webhook_id": headers.webhook_id, "reason": event.reason},
+            )
+        outcome = await self.publisher.publish(route(self.topology, headers, body, event))
+        return Delivery(outcome, event.event_type)
+
+    def _reject(self, request: web.Request, rejection: Rejection) -> web.Response:
+        self.metrics.count(rejection.outcome)
+        logger.warning(
+            "webhook rejected",
+            extra={
+                "status": rejection.status,
+                "reason": rejection.reason,
+                "webhook_id": request.headers.get("webhook-id", "")[:_LOGGED_ID_LENGTH],
+                "remote": request.remote,
+            },
+        )
+        response = web.json_response(
+            {"error": rejection.outcome.value, "detail": rejection.reason},
+            status=rejection.status,
+        )
+        if rejection.status == 503:
+            response.headers["Retry-After"] = str(self.settings.retry_after)
+        if rejection.status in (408, 413):
+            response.force_close()
+        return response
+
+
+INGRESS = web.AppKey("ingress", Ingress)
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    ingress.metrics.in_flight.inc()
+    try:
+        return await ingress.handle(request)
+    finally:
+        ingress.metrics.in_flight.dec()
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    if ingress.shutting_down:
+        return web.json_response({"status": "shutting down"}, status=503)
+    if not ingress.publisher.ready:
+        return web.json_response({"status": "broker not ready"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ingress = request.app[INGRESS]
+    ingress.metrics.set_broker_connected(ingress.publisher.connected)
+    response = web.Response(body=ingress.metrics.exposition())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
+def create_app(
+    settings: Settings,
+    publisher: Publisher | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """Build the app; without a ``publisher`` it connects to ``settings.amqp_url`` itself.
+
+    A publisher handed in stays the caller's to start and close.
+    """
+    app = web.Application(client_max_size=settings.max_body_bytes)
+    owned_publisher = AmqpPublisher(settings) if publisher is None else None
+    chosen = publisher or owned_publisher
+    assert chosen is not None
+    app[INGRESS] = Ingress(
+        settings=settings,
+        publisher=chosen,
+        topology=Topology.from_settings(settings),
+        verifier=SignatureVerifier(
+            settings.signing_keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
+        ),
+        metrics=Metrics(secret_count=len(settings.signing_keys)),
+        dedup=Deduplicator(window_seconds=settings.dedup_window, max_ids=settings.dedup_max_ids),
+    )
+    if owned_publisher is not None:
+        app.cleanup_ctx.append(_publisher_lifetime(owned_publisher))
+    app.cleanup_ctx.append(_broker_gauge_updates)
+    app.on_shutdown.append(_mark_shutting_down)
+    app.router.add_post(WEBHOOK_PATH, receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def _publisher_lifetime(
+    publisher: AmqpPublisher,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifetime(_app: web.Application) -> AsyncIterator[None]:
+        await publisher.start()
+        yield
+        # cleanup_ctx exits after in-flight handlers finished; on_shutdown would be too early.
+        await publisher.close()
+
+    return lifetime
+
+
+async def _broker_gauge_updates(app: web.Application) -> AsyncIterator[None]:
+    """Keep the connected gauge current even in workers that are not being scraped."""
+    ingress = app[INGRESS]
+
+    async def update_every_second() -> None:
+        while True:
+            ingress.metrics.set_broker_connected(ingress.publisher.connected)
+            await asyncio.sleep(1)
+
+    updater = asyncio.create_task(update_every_second())
+    yield
+    updater.cancel()
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[INGRESS].shutting_down = True

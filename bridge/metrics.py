@@ -1,0 +1,102 @@
+"""Prometheus metrics.
+
+One registry per app, so that tests never share counters. With several worker
+processes (``BRIDGE_WORKERS``) every worker writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` and any worker's ``/metrics`` reports the sum of all.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestOutcome"]
+
+
+class RequestOutcome(enum.StrEnum):
+    PUBLISHED = "published"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    UNROUTED = "unrouted"
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"
+
+
+class Metrics:
+    def __init__(self, secret_count: int) -> None:
+        shared_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
+        self.registry = CollectorRegistry(auto_describe=True)
+        if shared_dir is not None:
+            MultiProcessCollector(self.registry, path=shared_dir)  # type: ignore[no-untyped-call]
+        own_registry = None if shared_dir is not None else self.registry
+        self.requests = Counter(
+            "webhook_bridge_requests",
+            "Webhook requests by how they were answered.",
+            ["outcome"],
+            registry=own_registry,
+        )
+        self.published = Counter(
+            "webhook_bridge_published",
+            "Events confirmed by the broker, by event type (quarantined ones excluded).",
+            ["event_type"],
+            registry=own_registry,
+        )
+        self.publish_seconds = Histogram(
+            "webhook_bridge_publish_seconds",
+            "Time from receiving a webhook to the broker's confirm.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=own_registry,
+        )
+        self.in_flight = Gauge(
+            "webhook_bridge_in_flight",
+            "Webhook requests being processed.",
+            multiprocess_mode="livesum",
+            registry=own_registry,
+        )
+        self.broker_connected = Gauge(
+            "webhook_bridge_broker_connected",
+            "1 while the AMQP connection is open (in every worker), else 0.",
+            multiprocess_mode="livemin",
+            registry=own_registry,
+        )
+        self.secret_matches = Counter(
+            "webhook_bridge_secret_matches",
+            "Verified webhooks by the position (0-based) of the configured secret that matched.",
+            ["secret_index"],
+            registry=own_registry,
+        )
+        self._outcome_counters = {
+            outcome: self.requests.labels(outcome=outcome.value) for outcome in RequestOutcome
+        }
+        self._published_counters: dict[str, Counter] = {}
+        self._secret_counters = [
+            self.secret_matches.labels(secret_index=str(index)) for index in range(secret_count)
+        ]
+
+    def count(self, outcome: RequestOutcome) -> None:
+        self._outcome_counters[outcome].inc()
+
+    def event_published(self, event_type: str) -> None:
+        counter = self._published_counters.get(event_type)
+        if counter is None:
+            counter = self._published_counters[event_type] = self.published.labels(
+                event_type=event_type
+            )
+        counter.inc()
+
+    def secret_matched(self, index: int) -> None:
+        self._secret_counters[index].inc()
+
+    def set_broker_connected(self, connected: bool) -> None:
+        self.broker_connected.set(1 if connected else 0)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

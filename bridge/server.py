@@ -1,0 +1,144 @@
+"""Running the ingress: one process, or several workers sharing the port.
+
+Workers each have their own event loop and AMQP connection and bind the same port with
+``SO_REUSEPORT``, so the kernel spreads connections across them. The parent only
+supervises: it forwards SIGTERM/SIGINT, and if a worker dies on its own it stops the
+others and exits non-zero so that the orchestrator restarts the whole pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Coroutine
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from aiohttp import web
+
+from bridge.app import INGRESS, WEBHOOK_PATH, create_app
+from bridge.logs import configure_logging
+from bridge.metrics import MULTIPROCESS_DIR_VARIABLE
+from bridge.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+KILL_GRACE_SECONDS = 10.0
+
+
+def run(coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where it is installed: its faster sockets matter for throughput."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit 0."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=settings.drain_timeout,
+    )
+    await runner.setup()
+    # Start-up objects live as long as the process: keep collections from scanning them.
+    gc.freeze()
+    site = web.TCPSite(
+        runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024
+    )
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    logger.info(
+        "listening on http://%s:%s%s, publishing to exchange %s at %s (%d webhook secret%s)",
+        settings.host,
+        settings.port,
+        WEBHOOK_PATH,
+        settings.exchange,
+        settings.amqp_url_redacted,
+        len(settings.signing_keys),
+        "" if len(settings.signing_keys) == 1 else "s",
+    )
+    await stop.wait()
+    app[INGRESS].shutting_down = True
+    logger.info("shutting down: draining in-flight requests for up to %gs", settings.drain_timeout)
+    await runner.cleanup()
+    logger.info("stopped")
+    return 0
+
+
+def serve_forever(settings: Settings) -> int:
+    """The ``serve`` command: logging configured, then one process or supervised workers."""
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.workers == 1:
+        return run(serve(settings))
+    return _supervise_workers(settings)
+
+
+def _worker(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_format)
+    raise SystemExit(run(serve(settings)))
+
+
+def _supervise_workers(settings: Settings) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="webhook-bridge-metrics-")
+    os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
+    context = multiprocessing.get_context("spawn")
+    workers: list[BaseProcess] = [
+        context.Process(target=_worker, args=(settings,), name=f"worker-{index}")
+        for index in range(settings.workers)
+    ]
+    stopping = False
+
+    def stop_workers(_signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_workers)
+    signal.signal(signal.SIGINT, stop_workers)
+    for worker in workers:
+        worker.start()
+    logger.info("started %d workers on port %s", len(workers), settings.port)
+
+    unexpected_exit = False
+    kill_deadline = float("inf")
+    try:
+        while any(worker.is_alive() for worker in workers):
+            if not stopping and any(worker.exitcode is not None for worker in workers):
+                logger.error("a worker exited unexpectedly; stopping the others")
+                unexpected_exit = True
+                stop_workers()
+            if stopping and kill_deadline == float("inf"):
+                kill_deadline = time.monotonic() + settings.drain_timeout + KILL_GRACE_SECONDS
+            if time.monotonic() > kill_deadline:
+                for worker in workers:
+                    worker.kill()
+            time.sleep(0.2)
+        for worker in workers:
+            worker.join()
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    clean = not unexpected_exit and all(worker.exitcode == 0 for worker in workers)
+    return 0 if clean else 1

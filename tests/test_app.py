@@ -1,0 +1,232 @@
+"""The HTTP contract, with a fake publisher (the broker side is in test_integration.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from bridge.app import WEBHOOK_PATH, create_app
+from bridge.publisher import (
+    QUARANTINE_REASON_HEADER,
+    VALIDATED_HEADER,
+    BrokerUnavailable,
+    Outcome,
+)
+from bridge.samples import sample_body
+from bridge.settings import Settings
+from tests.conftest import AiohttpClient, Client, FakePublisher, Signer, make_settings
+
+
+async def client_for(
+    aiohttp_client: AiohttpClient, settings: Settings, publisher: FakePublisher
+) -> Client:
+    return await aiohttp_client(create_app(settings, publisher))
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: AiohttpClient, settings: Settings, fake_publisher: FakePublisher
+) -> Client:
+    return await client_for(aiohttp_client, settings, fake_publisher)
+
+
+async def test_known_event_is_published_with_its_exact_bytes(
+    client: Client, signer: Signer, fake_publisher: FakePublisher, settings: Settings
+) -> None:
+    body = b'{"id":"evt_1", "object":"event","created_at":1750861210,"type":"batch.completed",'
+    body += b'"data":{"id":"batch_1","new_field":[1,2]}}'
+    headers = signer.headers(body)
+    response = await client.post(WEBHOOK_PATH, data=body, headers=headers)
+    assert response.status == 200
+    assert await response.json() == {"outcome": "published"}
+    [message] = fake_publisher.published
+    assert message.body == body
+    assert message.exchange == settings.exchange
+    assert message.routing_key == "batch.completed"
+    assert message.properties.message_id == headers["webhook-id"]
+    assert message.properties.headers is not None
+    assert message.properties.headers[VALIDATED_HEADER] is True
+
+
+async def test_unknown_type_is_routed_by_type_and_flagged(
+    client: Client, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    body = b'{"id":"evt_2","created_at":1750861210,"type":"agent.session.created","data":{}}'
+    response = await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
+    assert response.status == 200
+    [message] = fake_publisher.published
+    assert message.routing_key == "agent.session.created"
+    assert message.properties.headers is not None
+    assert message.properties.headers[VALIDATED_HEADER] is False
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[1,2]",
+        b'{"id":"evt_3","created_at":1,"data":{}}',
+        b'{"id":"evt_3","created_at":1,"type":"Batch.Completed","data":{}}',
+        b'{"id":"evt_3","created_at":1,"type":"batch.completed","data":{}}',
+    ],
+    ids=["not-json", "not-utf8", "array", "no-type", "bad-type", "schema"],
+)
+async def test_authentic_malformed_event_is_quarantined_with_2xx(
+    client: Client,
+    signer: Signer,
+    fake_publisher: FakePublisher,
+    settings: Settings,
+    body: bytes,
+) -> None:
+    response = await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
+    assert response.status == 200
+    assert await response.json() == {"outcome": "quarantined"}
+    [message] = fake_publisher.published
+    assert message.exchange == settings.quarantine_exchange
+    assert message.exchange != settings.exchange
+    assert message.body == body
+    assert message.properties.headers is not None
+    assert message.properties.headers[QUARANTINE_REASON_HEADER]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status"),
+    [
+        (lambda h: h.pop("webhook-id"), 400),
+        (lambda h: h.pop("webhook-signature"), 400),
+        (lambda h: h.update({"webhook-timestamp": "1.5"}), 400),
+        (lambda h: h.update({"webhook-signature": "v1"}), 400),
+        (lambda h: h.update({"webhook-signature": "v1," + "A" * 43 + "="}), 401),
+        (lambda h: h.update({"webhook-timestamp": str(int(time.time()) - 3600)}), 401),
+        (lambda h: h.update({"webhook-timestamp": str(int(time.time()) + 3600)}), 401),
+    ],
+    ids=["no-id", "no-signature", "float-ts", "no-comma", "mismatch", "old", "future"],
+)
+async def test_bad_headers_are_refused_without_publishing(
+    client: Client,
+    signer: Signer,
+    fake_publisher: FakePublisher,
+    mutate: object,
+    status: int,
+) -> None:
+    body = sample_body("batch.completed")
+    headers = signer.headers(body)
+    mutate(headers)  # type: ignore[operator]
+    response = await client.post(WEBHOOK_PATH, data=body, headers=headers)
+    assert response.status == status
+    assert (await response.json())["detail"]
+    assert fake_publisher.published == []
+
+
+async def test_signature_from_another_secret_is_401(
+    client: Client, fake_publisher: FakePublisher
+) -> None:
+    body = sample_body("batch.completed")
+    response = await client.post(WEBHOOK_PATH, data=body, headers=Signer().headers(body))
+    assert response.status == 401
+    assert fake_publisher.published == []
+
+
+async def test_body_over_the_limit_is_413_before_reading_it(
+    aiohttp_client: AiohttpClient, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    client = await client_for(
+        aiohttp_client, make_settings(signer, max_body_bytes=2048), fake_publisher
+    )
+    body = b"{" + b" " * 4096 + b"}"
+    response = await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
+    assert response.status == 413
+    assert fake_publisher.published == []
+
+
+async def test_chunked_body_over_the_limit_is_413(
+    aiohttp_client: AiohttpClient, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    client = await client_for(
+        aiohttp_client, make_settings(signer, max_body_bytes=2048), fake_publisher
+    )
+
+    async def chunks() -> object:
+        for _ in range(100):
+            yield b" " * 1024
+
+    response = await client.post(WEBHOOK_PATH, data=chunks(), headers=signer.headers(b""))
+    assert response.status == 413
+    assert fake_publisher.published == []
+
+
+async def test_other_methods_are_405(client: Client) -> None:
+    for method in ("GET", "PUT", "DELETE", "PATCH"):
+        response = await client.request(method, WEBHOOK_PATH)
+        assert response.status == 405, method
+
+
+async def test_broker_unavailable_is_503_with_retry_after(
+    client: Client, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    fake_publisher.error = BrokerUnavailable("no broker confirm within 5 s")
+    body = sample_body("batch.completed")
+    response = await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+
+
+async def test_health_and_readiness(client: Client, fake_publisher: FakePublisher) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+    fake_publisher.ready = False
+    assert (await client.get("/readyz")).status == 503
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_concurrent_copies_of_one_webhook_publish_once(
+    client: Client, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    fake_publisher.delay = 0.2
+    body = sample_body("fine_tuning.job.failed")
+    headers = signer.headers(body)
+    responses = await asyncio.gather(
+        *(client.post(WEBHOOK_PATH, data=body, headers=headers) for _ in range(20))
+    )
+    outcomes = sorted([(await response.json())["outcome"] for response in responses])
+    assert [response.status for response in responses] == [200] * 20
+    assert outcomes == ["duplicate"] * 19 + ["published"]
+    assert len(fake_publisher.published) == 1
+
+
+async def test_copies_share_a_failed_publish_and_a_later_retry_publishes(
+    client: Client, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    fake_publisher.delay = 0.1
+    fake_publisher.error = BrokerUnavailable("down")
+    body = sample_body("batch.failed")
+    headers = signer.headers(body)
+    responses = await asyncio.gather(
+        *(client.post(WEBHOOK_PATH, data=body, headers=headers) for _ in range(5))
+    )
+    assert [response.status for response in responses] == [503] * 5
+    fake_publisher.error = None
+    retry = await client.post(WEBHOOK_PATH, data=body, headers=headers)
+    assert (await retry.json()) == {"outcome": "published"}
+    assert len(fake_publisher.published) == 1
+
+
+async def test_unrouted_outcome_is_reported(
+    client: Client, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    fake_publisher.outcome = Outcome.UNROUTED
+    body = sample_body("eval.run.failed")
+    response = await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
+    assert json.loads(await response.read()) == {"outcome": "unrouted"}
+
+
+async def test_readiness_turns_503_as_soon_as_shutdown_begins(client: Client) -> None:
+    assert (await client.get("/readyz")).status == 200
+    await client.app.shutdown()
+    response = await client.get("/readyz")
+    assert response.status == 503
+    assert await response.json() == {"status": "shutting down"}

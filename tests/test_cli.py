@@ -1,0 +1,126 @@
+"""``webhook-bridge serve`` as a real process: fail-closed start-up, serving, graceful exit."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from bridge.samples import sample_body
+from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer
+
+
+def serve_with(secret: str | None, *flags: str) -> subprocess.CompletedProcess[str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")}
+    if secret is not None:
+        environment["BRIDGE_WEBHOOK_SECRET"] = secret
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--port", "0", *flags],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+SHORT_SECRET = "whsec_" + base64.b64encode(b"sixteen-byte-key").decode()
+
+
+@pytest.mark.parametrize(
+    ("secret", "expected"),
+    [
+        (None, "BRIDGE_WEBHOOK_SECRET is required"),
+        ("", "BRIDGE_WEBHOOK_SECRET secret #1 is empty"),
+        ("whsec_***not-base64***", "BRIDGE_WEBHOOK_SECRET secret #1 is not valid base64"),
+        (SHORT_SECRET, "BRIDGE_WEBHOOK_SECRET secret #1 decodes to 16 bytes"),
+    ],
+    ids=["missing", "empty", "undecodable", "short"],
+)
+def test_serve_refuses_to_start_with_an_unusable_secret(secret: str | None, expected: str) -> None:
+    result = serve_with(secret)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    if secret:
+        assert secret.removeprefix("whsec_") not in result.stderr
+
+
+def test_a_weak_second_secret_also_stops_start_up(signer: Signer) -> None:
+    result = serve_with(f"{signer.secret},{SHORT_SECRET}")
+    assert result.returncode == 2
+    assert "secret #2" in result.stderr
+    assert signer.secret not in result.stderr
+
+
+def test_flags_override_the_environment(signer: Signer) -> None:
+    result = serve_with(signer.secret, "--webhook-secret", SHORT_SECRET)
+    assert result.returncode == 2
+    assert "decodes to 16 bytes" in result.stderr
+
+
+def test_python_dash_m_and_console_script_share_the_parser() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for flag in ("--webhook-secret", "--amqp-url", "--exchange", "--drain-timeout", "--port"):
+        assert flag in result.stdout
+
+
+@pytest.mark.broker
+async def test_serve_publishes_then_exits_zero_on_sigterm(
+    start_bridge: Callable[..., BridgeProcess], broker: Broker, signer: Signer
+) -> None:
+    bridge = start_bridge(BRIDGE_AMQP_URL=AMQP_URL)
+    await bridge.wait_ready()
+    queue = await broker.bind_queue(bridge.exchange, "#")
+    body = sample_body("eval.run.succeeded")
+    assert await bridge.post_signed(signer, body) == 200
+    assert (await broker.get(queue)).body == body
+    assert bridge.stop() == 0
+
+
+@pytest.mark.broker
+async def test_workers_share_the_port_and_metrics_add_up(
+    start_bridge: Callable[..., BridgeProcess], broker: Broker, signer: Signer
+) -> None:
+    bridge = start_bridge(BRIDGE_WORKERS="2")
+
+    def listening_pids() -> set[int]:
+        entries = [json.loads(line) for line in bridge.log_path.read_text().splitlines()]
+        return {entry["pid"] for entry in entries if entry["message"].startswith("listening")}
+
+    async with asyncio.timeout(30):
+        while len(listening_pids()) < 2:
+            await asyncio.sleep(0.1)
+    await bridge.wait_ready()
+    queue = await broker.bind_queue(bridge.exchange, "#")
+    bodies = [sample_body("batch.completed") for _ in range(40)]
+
+    async def post(session: aiohttp.ClientSession, body: bytes) -> int:
+        async with session.post(bridge.url, data=body, headers=signer.headers(body)) as response:
+            return response.status
+
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        statuses = await asyncio.gather(*(post(session, body) for body in bodies))
+        assert statuses == [200] * 40
+        scrapes = []
+        for _ in range(4):
+            async with session.get(f"http://127.0.0.1:{bridge.port}/metrics") as response:
+                scrapes.append(await response.text())
+    assert sorted(message.body for message in await broker.drain(queue)) == sorted(bodies)
+    for text in scrapes:
+        assert 'webhook_bridge_requests_total{outcome="published"} 40.0' in text
+    assert bridge.stop() == 0

@@ -1,0 +1,159 @@
+import json
+import re
+
+import pytest
+
+from bridge.events import (
+    EVENT_MODELS,
+    KNOWN_EVENT_TYPES,
+    RealtimeCallIncomingWebhookEvent,
+    classify,
+    parse_event,
+)
+from bridge.samples import UnknownEventTypeError, new_webhook_id, sample_body, sample_event
+
+DATA_ID_SHAPES = {
+    "batch": r"batch_[0-9a-f]{32}",
+    "eval": r"evalrun_[0-9a-f]{32}",
+    "fine_tuning": r"ftjob-[A-Za-z0-9]{24}",
+    "response": r"resp_[0-9a-f]{48}",
+}
+
+
+def fixed_clock() -> float:
+    return 1750287018.75
+
+
+@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES))
+def test_sample_is_a_valid_event_of_its_type(event_type: str) -> None:
+    body = sample_body(event_type)
+
+    classified = classify(body)
+
+    assert classified.kind == "known"
+    assert classified.event_type == event_type
+    event = parse_event(body)
+    assert type(event) is EVENT_MODELS[event_type]
+    assert event.object == "event"
+    assert re.fullmatch(r"evt_[0-9a-f]{32}", event.id)
+
+
+@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES - {"realtime.call.incoming"}))
+def test_sample_data_id_is_shaped_like_openai_ids(event_type: str) -> None:
+    family = event_type.partition(".")[0]
+
+    data_id = sample_event(event_type)["data"]["id"]
+
+    assert re.fullmatch(DATA_ID_SHAPES[family], data_id)
+
+
+def test_incoming_call_sample_carries_sip_invite_headers() -> None:
+    event = parse_event(sample_body("realtime.call.incoming"))
+
+    assert isinstance(event, RealtimeCallIncomingWebhookEvent)
+    assert re.fullmatch(r"rtc_[0-9a-f]{32}", event.data.call_id)
+    headers = {header.name: header.value for header in event.data.sip_headers}
+    assert {"From", "To", "Call-ID", "Via", "Contact"} <= headers.keys()
+    assert re.search(r"<sip:\+1555\d{7}@example\.com>", headers["From"])
+    assert re.search(r"<sip:\+1555\d{7}@sip\.example\.com>", headers["To"])
+
+
+@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES))
+def test_each_sample_is_fresh(event_type: str) -> None:
+    first = sample_event(event_type)
+    second = sample_event(event_type)
+
+    assert first["id"] != second["id"]
+    assert first["data"] != second["data"]
+
+
+def test_created_at_comes_from_the_clock() -> None:
+    event = sample_event("batch.completed", clock=fixed_clock)
+
+    assert event["created_at"] == 1750287018
+
+
+def test_sample_body_is_compact_json_of_the_event() -> None:
+    body = sample_body("response.completed", clock=fixed_clock)
+
+    event = json.loads(body)
+    assert body == json.dumps(event, separators=(",", ":")).encode()
+    assert event["created_at"] == 1750287018
+    assert list(event) == ["object", "id", "type", "created_at", "data"]
+
+
+def test_overrides_set_top_level_and_nested_paths() -> None:
+    event = sample_event(
+        "batch.completed",
+        overrides={
+            "id": "evt_x",
+            "created_at": "123",
+            "data.id": "batch_123",
+            "data.request_counts.completed": "7",
+            "data.metadata": '{"team": "ml", "tags": [1, true, null]}',
+            "object": "null",
+        },
+    )
+
+    assert event["id"] == "evt_x"
+    assert event["created_at"] == 123
+    assert event["data"]["id"] == "batch_123"
+    assert event["data"]["request_counts"] == {"completed": 7}
+    assert event["data"]["metadata"] == {"team": "ml", "tags": [1, True, None]}
+    assert event["object"] is None
+
+
+def test_override_values_that_are_not_json_stay_strings() -> None:
+    event = sample_event(
+        "response.failed",
+        overrides={"data.id": "resp_abc", "data.note": "NaN", "data.quoted": '"42"'},
+    )
+
+    assert event["data"] == {"id": "resp_abc", "note": "NaN", "quoted": "42"}
+
+
+def test_override_can_index_into_sip_headers() -> None:
+    event = sample_event(
+        "realtime.call.incoming", overrides={"data.sip_headers.0.value": "SIP/2.0/TLS x"}
+    )
+
+    assert event["data"]["sip_headers"][0] == {"name": "Via", "value": "SIP/2.0/TLS x"}
+
+
+def test_overrides_reach_the_body() -> None:
+    body = sample_body("batch.completed", overrides={"data.id": "42"})
+
+    classified = classify(body)
+
+    assert json.loads(body)["data"]["id"] == 42
+    assert classified.kind == "malformed"
+    assert (
+        classified.reason
+        == "batch.completed failed schema validation: data.id: Input should be a valid string"
+    )
+
+
+@pytest.mark.parametrize("path", ["id.x", "data..id", "", "data.sip_headers.99.value"])
+def test_override_path_that_cannot_be_set_is_rejected(path: str) -> None:
+    with pytest.raises(ValueError, match="override path"):
+        sample_event("realtime.call.incoming", overrides={path: "1"})
+
+
+def test_unknown_event_type_lists_the_known_types() -> None:
+    with pytest.raises(UnknownEventTypeError) as raised:
+        sample_event("agent.session.created")
+
+    message = str(raised.value)
+    assert "'agent.session.created'" in message
+    listed = message.split("known types: ", 1)[1].split(", ")
+    assert listed == sorted(KNOWN_EVENT_TYPES)
+    assert isinstance(raised.value, ValueError)
+    with pytest.raises(UnknownEventTypeError, match=r"known types: batch\.cancelled, "):
+        sample_body("nope")
+
+
+def test_webhook_ids_are_shaped_like_openai_delivery_ids() -> None:
+    first, second = new_webhook_id(), new_webhook_id()
+
+    assert re.fullmatch(r"wh_[0-9a-f]{32}", first)
+    assert first != second
