@@ -3,18 +3,22 @@
 Workers each have their own event loop and AMQP connection and bind the same port with
 ``SO_REUSEPORT``, so the kernel spreads connections across them. The parent only
 supervises: it forwards SIGTERM/SIGINT, and if a worker dies on its own it stops the
-others and exits non-zero so that the orchestrator restarts the whole pod.
+others and exits non-zero so that the orchestrator restarts the whole pod. If the parent
+itself dies (SIGKILL, the OOM killer), the kernel sends each worker SIGTERM, so workers
+drain and exit instead of holding the port as orphans.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Coroutine
@@ -31,6 +35,7 @@ from bridge.settings import Settings
 logger = logging.getLogger(__name__)
 
 KILL_GRACE_SECONDS = 10.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def run(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -94,9 +99,23 @@ def serve_forever(settings: Settings) -> int:
     return _supervise_workers(settings)
 
 
-def _worker(settings: Settings) -> None:
+def _worker(settings: Settings, supervisor_pid: int) -> None:
     configure_logging(settings.log_level, settings.log_format)
+    _terminate_with_supervisor(supervisor_pid)
     raise SystemExit(run(serve(settings)))
+
+
+def _terminate_with_supervisor(supervisor_pid: int) -> None:
+    """Have the kernel SIGTERM this worker when the supervisor dies (Linux only)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning("cannot ask to be stopped with the supervisor: errno %d", ctypes.get_errno())
+    # The supervisor may have died before the request took effect.
+    if os.getppid() != supervisor_pid:
+        logger.error("the supervisor is gone; not starting")
+        raise SystemExit(1)
 
 
 def _supervise_workers(settings: Settings) -> int:
@@ -104,7 +123,7 @@ def _supervise_workers(settings: Settings) -> int:
     os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
     context = multiprocessing.get_context("spawn")
     workers: list[BaseProcess] = [
-        context.Process(target=_worker, args=(settings,), name=f"worker-{index}")
+        context.Process(target=_worker, args=(settings, os.getpid()), name=f"worker-{index}")
         for index in range(settings.workers)
     ]
     stopping = False

@@ -6,9 +6,11 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -91,19 +93,32 @@ async def test_serve_publishes_then_exits_zero_on_sigterm(
     assert bridge.stop() == 0
 
 
+async def listening_workers(bridge: BridgeProcess, count: int) -> set[int]:
+    """The pids of the bridge's workers, once ``count`` of them have logged that they listen."""
+    async with asyncio.timeout(30):
+        while True:
+            entries = [json.loads(line) for line in bridge.log_path.read_text().splitlines()]
+            pids = {entry["pid"] for entry in entries if entry["message"].startswith("listening")}
+            if len(pids) >= count:
+                return pids
+            await asyncio.sleep(0.1)
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 @pytest.mark.broker
 async def test_workers_share_the_port_and_metrics_add_up(
     start_bridge: Callable[..., BridgeProcess], broker: Broker, signer: Signer
 ) -> None:
     bridge = start_bridge(BRIDGE_WORKERS="2")
-
-    def listening_pids() -> set[int]:
-        entries = [json.loads(line) for line in bridge.log_path.read_text().splitlines()]
-        return {entry["pid"] for entry in entries if entry["message"].startswith("listening")}
-
-    async with asyncio.timeout(30):
-        while len(listening_pids()) < 2:
-            await asyncio.sleep(0.1)
+    await listening_workers(bridge, 2)
     await bridge.wait_ready()
     queue = await broker.bind_queue(bridge.exchange, "#")
     bodies = [sample_body("batch.completed") for _ in range(40)]
@@ -124,3 +139,26 @@ async def test_workers_share_the_port_and_metrics_add_up(
     for text in scrapes:
         assert 'webhook_bridge_requests_total{outcome="published"} 40.0' in text
     assert bridge.stop() == 0
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signals are Linux's")
+async def test_workers_stop_when_their_supervisor_is_killed(
+    start_bridge: Callable[..., BridgeProcess],
+) -> None:
+    bridge = start_bridge(BRIDGE_WORKERS="2")
+    workers = await listening_workers(bridge, 2)
+    await bridge.wait_ready()
+
+    bridge.process.kill()
+    bridge.process.wait()
+
+    try:
+        async with asyncio.timeout(30):
+            while any(running(pid) for pid in workers):
+                await asyncio.sleep(0.1)
+    finally:
+        for pid in filter(running, workers):
+            os.kill(pid, signal.SIGKILL)
+    log = bridge.log_path.read_text()
+    assert log.count('"message": "stopped"') == 2, "each worker drained and exited cleanly"
