@@ -72,6 +72,17 @@ def memory_alarm() -> Iterator[None]:
         rabbitmqctl("set_vm_memory_high_watermark", _watermark_argument(original))
 
 
+@contextlib.contextmanager
+def disk_alarm() -> Iterator[None]:
+    """A disk alarm (free space below a limit set far above it): the same blocking."""
+    original = rabbitmqctl("eval", "rabbit_disk_monitor:get_disk_free_limit().").strip()
+    rabbitmqctl("set_disk_free_limit", str(10**18))
+    try:
+        yield
+    finally:
+        rabbitmqctl("set_disk_free_limit", original)
+
+
 def _watermark_argument(erlang_value: str) -> str:
     # Relative watermarks print as a float; absolute ones as {absolute, Bytes}.
     if erlang_value.startswith("{absolute,"):

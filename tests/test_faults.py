@@ -9,6 +9,7 @@ other than 503 was sent, and the bridge recovered without being restarted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,6 +25,7 @@ from tests.rabbitmq import (
     BrokerUser,
     app_stopped,
     close_connections_of,
+    disk_alarm,
     memory_alarm,
     needs_rabbitmqctl,
     temporary_user,
@@ -166,7 +168,9 @@ async def test_connections_killed_under_load(
     assert_nothing_lost(report, await queued_ids(broker, queue, bridge))
 
 
-async def test_memory_alarm_blocks_publishes_and_503s_within_the_deadline(
+@pytest.mark.parametrize("alarm", [memory_alarm, disk_alarm], ids=["memory", "disk"])
+async def test_an_alarm_blocks_publishes_and_503s_within_the_deadline(
+    alarm: Callable[[], contextlib.AbstractContextManager[None]],
     start_bridge: Callable[..., BridgeProcess],
     broker: Broker,
     signer: Signer,
@@ -177,7 +181,7 @@ async def test_memory_alarm_blocks_publishes_and_503s_within_the_deadline(
     queue = await broker.bind_queue(bridge.exchange, "#")
     sender = make_sender(bridge.url, signer, concurrency=4)
 
-    with memory_alarm():
+    with alarm():
         await asyncio.sleep(0.5)
         first_status, first_elapsed, _ = await post_one(bridge, signer)
         assert first_status == 503
