@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiormq
-from aiormq.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import AbstractChannel, AbstractConnection, ArgumentsType
 
 T = TypeVar("T")
 
@@ -26,8 +26,9 @@ class BrokerProbe:
     """Survives its connection being closed by someone else (another test suite
     restarting or disconnecting the broker): each operation reconnects once and retries."""
 
-    def __init__(self, amqp_url: str) -> None:
+    def __init__(self, amqp_url: str, queue_type: str = "classic") -> None:
         self._url = amqp_url
+        self._queue_arguments: ArgumentsType = {"x-queue-type": queue_type}
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queues: list[str] = []
@@ -36,8 +37,8 @@ class BrokerProbe:
         self.server_version = "unknown"
 
     @classmethod
-    async def connect(cls, amqp_url: str) -> BrokerProbe:
-        probe = cls(amqp_url)
+    async def connect(cls, amqp_url: str, queue_type: str = "classic") -> BrokerProbe:
+        probe = cls(amqp_url, queue_type)
         await probe._ready_channel()
         probe.reconnects = 0
         return probe
@@ -75,9 +76,14 @@ class BrokerProbe:
         self._queues.append(name)
 
     async def bind_counting_queue(self, exchange: str) -> str:
-        """A durable queue receiving everything published to ``exchange``."""
+        """A durable queue of the run's queue type receiving everything published to
+        ``exchange``."""
         name = unique_name("bench.count")
-        await self._call(lambda channel: channel.queue_declare(name, durable=True))
+        await self._call(
+            lambda channel: channel.queue_declare(
+                name, durable=True, arguments=self._queue_arguments
+            )
+        )
         self._queues.append(name)
         await self._call(lambda channel: channel.queue_bind(name, exchange, routing_key="#"))
         return name

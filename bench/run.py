@@ -58,7 +58,9 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SERVERS = (BRIDGE, BRIDGE_WORKERS, REFERENCE, HTTP_CEILING, CONFIRM_LOOP)
 DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 PROFILE_CONNECTIONS = 64
-CONFIRM_LOOP_IN_FLIGHT = (1, 64)
+CONFIRM_LOOP_IN_FLIGHT = (1, 16, 64)
+QUORUM = "quorum"
+QUEUE_TYPES = ("classic", QUORUM)
 
 RATE_GUESS = 15_000.0
 """Requests per second assumed before a server's warm-up has measured it."""
@@ -79,6 +81,8 @@ class Plan:
     servers: tuple[str, ...]
     max_wrk_threads: int
     amqp_url: str
+    queue_type: str
+    """Of the queue bound to each exchange: every confirm waits for this queue to store."""
     results_dir: Path
     profile: str | None
     """The server to sample with py-spy after the measurements, if any."""
@@ -94,6 +98,7 @@ class Plan:
             "connections": ", ".join(map(str, self.connections)),
             "wrk threads": f"min(connections, {self.max_wrk_threads})",
             "servers": ", ".join(self.servers),
+            "bound queue": f"one durable {self.queue_type} queue per exchange, binding '#'",
         }
 
     def warmup_connections(self) -> int:
@@ -428,7 +433,7 @@ async def run(plan: Plan) -> int:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
         return EXIT_SETUP
     try:
-        probe = await BrokerProbe.connect(plan.amqp_url)
+        probe = await BrokerProbe.connect(plan.amqp_url, plan.queue_type)
     except Exception as error:
         print(f"cannot reach RabbitMQ: {error!r}", file=sys.stderr)
         return EXIT_SETUP
@@ -504,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wrk-threads", type=int, default=2, help="most wrk threads (default 2)")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    parser.add_argument(
+        "--queue-type",
+        choices=QUEUE_TYPES,
+        default=QUORUM,
+        help="of the queue bound to each exchange (default quorum, as recommended for production)",
+    )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     profiled = (BRIDGE, REFERENCE, HTTP_CEILING)
     parser.add_argument(
@@ -531,6 +542,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         servers=() if args.profile_only else args.servers,
         max_wrk_threads=args.wrk_threads,
         amqp_url=args.amqp_url,
+        queue_type=args.queue_type,
         results_dir=args.results,
         profile=args.profile_only or args.profile,
         profile_duration_s=args.profile_duration or (5 if quick else 10),
