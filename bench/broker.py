@@ -14,6 +14,9 @@ from aiormq.abc import AbstractChannel, AbstractConnection, ArgumentsType
 
 T = TypeVar("T")
 
+QUORUM = "quorum"
+QUEUE_TYPES = ("classic", QUORUM)
+
 SETTLE_TIMEOUT_S = 10.0
 """How long to wait for publishes still in flight when wrk stopped to be confirmed."""
 
@@ -26,7 +29,7 @@ class BrokerProbe:
     """Survives its connection being closed by someone else (another test suite
     restarting or disconnecting the broker): each operation reconnects once and retries."""
 
-    def __init__(self, amqp_url: str, queue_type: str = "classic") -> None:
+    def __init__(self, amqp_url: str, queue_type: str) -> None:
         self._url = amqp_url
         self._queue_arguments: ArgumentsType = {"x-queue-type": queue_type}
         self._connection: AbstractConnection | None = None
@@ -37,7 +40,7 @@ class BrokerProbe:
         self.server_version = "unknown"
 
     @classmethod
-    async def connect(cls, amqp_url: str, queue_type: str = "classic") -> BrokerProbe:
+    async def connect(cls, amqp_url: str, queue_type: str = QUORUM) -> BrokerProbe:
         probe = cls(amqp_url, queue_type)
         await probe._ready_channel()
         probe.reconnects = 0

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiormq
 
-from bench.broker import BrokerProbe, unique_name
+from bench.broker import QUEUE_TYPES, QUORUM, BrokerProbe, unique_name
 from bench.confirm_loop import ConfirmLoopResult
 from bench.load import LoadError, LoadResult, run_wrk, wrk_path
 from bench.processes import (
@@ -59,8 +59,6 @@ SERVERS = (BRIDGE, BRIDGE_WORKERS, REFERENCE, HTTP_CEILING, CONFIRM_LOOP)
 DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 PROFILE_CONNECTIONS = 64
 CONFIRM_LOOP_IN_FLIGHT = (1, 16, 64)
-QUORUM = "quorum"
-QUEUE_TYPES = ("classic", QUORUM)
 
 RATE_GUESS = 15_000.0
 """Requests per second assumed before a server's warm-up has measured it."""
