@@ -3,7 +3,11 @@
 # Configuration comes only from BRIDGE_* environment variables and secret files mounted under
 # /run/secrets/webhook-bridge (one file per setting); nothing secret is baked into the image.
 
-FROM python:3.12.8-slim-bookworm AS builder
+# Both stages start from the same Python image. Any Debian-based image with python, venv,
+# groupadd and useradd works; tests/test_image.py builds on a debootstrapped bookworm.
+ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -16,14 +20,16 @@ WORKDIR /src
 # README.md is the package's long description; the wildcard keeps the build working without it.
 COPY pyproject.toml README.md* ./
 COPY bridge ./bridge
-# Build a wheel, install it (and its dependencies) into the venv; pip byte-compiles while
-# installing, so the read-only runtime image never needs to write .pyc files.
+# Build a wheel, install it (and its dependencies, with the OpenTelemetry SDK for spans when
+# OTEL_* variables ask for them and the Redis client for BRIDGE_DEDUP_URL) into the venv;
+# pip byte-compiles while installing, so the
+# read-only runtime image never needs to write .pyc files.
 RUN pip wheel --no-deps --wheel-dir /wheels . \
- && pip install /wheels/*.whl \
+ && pip install "$(ls /wheels/*.whl)[otel,redis]" \
  && webhook-bridge --help > /dev/null
 
 
-FROM python:3.12.8-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 LABEL org.opencontainers.image.title="openai-webhook-bridge" \
       org.opencontainers.image.description="Verify OpenAI webhooks and publish them to RabbitMQ" \

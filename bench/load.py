@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 LUA_SCRIPT = Path(__file__).with_name("wrk.lua")
+PACED_LUA_SCRIPT = Path(__file__).with_name("wrk_paced.lua")
 RESULT_MARKER = "BENCH_RESULT "
 WRK_TIMEOUT_S = 10
 """Above the bridge's 5 s publish timeout, so a slow answer is recorded as what it was."""
@@ -112,8 +113,16 @@ async def run_wrk(
     threads: int,
     duration_s: int,
     request_prefix: Path,
+    pause_ms: float | None = None,
 ) -> LoadResult:
-    """Run wrk over the request files ``<request_prefix>.1 .. .<threads>``."""
+    """Run wrk over the request files ``<request_prefix>.1 .. .<threads>``.
+
+    With ``pause_ms``, each connection waits that long after an answer before its next
+    request (``bench/wrk_paced.lua``); otherwise it sends as fast as answers come.
+    """
+    script, script_arguments = LUA_SCRIPT, [str(request_prefix)]
+    if pause_ms is not None:
+        script, script_arguments = PACED_LUA_SCRIPT, [*script_arguments, f"{pause_ms:.3f}"]
     executable = wrk_path()
     if executable is None:
         raise LoadError("wrk is not installed (Debian: apt-get install -y wrk)")
@@ -123,10 +132,10 @@ async def run_wrk(
         f"--connections={connections}",
         f"--duration={duration_s}s",
         f"--timeout={WRK_TIMEOUT_S}s",
-        f"--script={LUA_SCRIPT}",
+        f"--script={script}",
         url,
         "--",
-        str(request_prefix),
+        *script_arguments,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

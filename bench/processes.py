@@ -109,6 +109,18 @@ class Server:
                 reset = False
         return reset
 
+    def rss_mb(self) -> float:
+        """``VmRSS`` summed over the server's processes."""
+        return sum(_status_kib(pid, "VmRSS") for pid in self.pids()) / 1024
+
+    def open_descriptors(self) -> int:
+        """File descriptors open in the server's processes (sockets, files, pipes)."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+        return total
+
     def peak_rss_mb(self) -> float:
         """``VmHWM`` summed over the server's processes (an upper bound with workers)."""
         return sum(_status_kib(pid, "VmHWM") for pid in self.pids()) / 1024

@@ -17,6 +17,8 @@ from bench.profiling import ProfileSummary
 
 BRIDGE = "bridge"
 BRIDGE_WORKERS = "bridge-workers2"
+BRIDGE_REDIS = "bridge-redis"
+BRIDGE_ARCHIVE = "bridge-archive"
 REFERENCE = "reference"
 HTTP_CEILING = "http-ceiling"
 CONFIRM_LOOP = "confirm-loop"
@@ -24,6 +26,8 @@ CONFIRM_LOOP = "confirm-loop"
 LABELS = {
     BRIDGE: "bridge (defaults)",
     BRIDGE_WORKERS: "bridge (BRIDGE_WORKERS=2)",
+    BRIDGE_REDIS: "bridge (dedup in Redis)",
+    BRIDGE_ARCHIVE: "bridge (archive stream on)",
     REFERENCE: "reference (bench/reference.py)",
     HTTP_CEILING: "HTTP ceiling (read body, 200)",
     CONFIRM_LOOP: "confirm loop (aiormq, no HTTP)",
@@ -34,6 +38,7 @@ THROUGHPUT_RATIO_AIM = 2.0
 LATENCY_OVER_FLOOR_TARGET_MS = 0.3
 PEAK_RSS_TARGET_MB = 150.0
 THROUGHPUT_CONNECTIONS = 64
+REDIS_DEDUP_RATIO_TARGET = 0.8
 
 _PACKAGES = (
     "aiohttp",
@@ -114,6 +119,7 @@ class Report:
             self._p99_target(),
             self._floor_target(),
             self._rss_target(),
+            self._redis_dedup_target(),
         ]
 
     def _throughput_target(self) -> Target:
@@ -121,17 +127,21 @@ class Report:
             f"throughput at {THROUGHPUT_CONNECTIONS} connections >= "
             f"{THROUGHPUT_RATIO_TARGET:g}x reference (aim {THROUGHPUT_RATIO_AIM:g}x)"
         )
-        bridge = self.row(BRIDGE, THROUGHPUT_CONNECTIONS)
-        reference = self.row(REFERENCE, THROUGHPUT_CONNECTIONS)
-        if bridge is None or reference is None or not reference.rps:
+        compared = self._throughput_ratio(BRIDGE, REFERENCE)
+        if compared is None:
             return Target(name, None, "needs bridge and reference at 64 connections")
-        ratio = bridge.rps / reference.rps
+        detail, ratio = compared
         aim = "aim met" if ratio >= THROUGHPUT_RATIO_AIM else "aim not met"
-        return Target(
-            name,
-            ratio >= THROUGHPUT_RATIO_TARGET,
-            f"{bridge.rps:,.0f} / {reference.rps:,.0f} req/s = {ratio:.2f}x ({aim})",
-        )
+        return Target(name, ratio >= THROUGHPUT_RATIO_TARGET, f"{detail} ({aim})")
+
+    def _throughput_ratio(self, server: str, base: str) -> tuple[str, float] | None:
+        """``server``'s req/s at 64 connections over ``base``'s, with the figures."""
+        row = self.row(server, THROUGHPUT_CONNECTIONS)
+        base_row = self.row(base, THROUGHPUT_CONNECTIONS)
+        if row is None or base_row is None or not base_row.rps:
+            return None
+        ratio = row.rps / base_row.rps
+        return f"{row.rps:,.0f} / {base_row.rps:,.0f} req/s = {ratio:.2f}x", ratio
 
     def _p99_target(self) -> Target:
         name = "p99 no worse than reference at every concurrency"
@@ -147,6 +157,17 @@ class Report:
         ]
         passed = all(bridge.p99_ms <= reference.p99_ms for bridge, reference in compared)
         return Target(name, passed, "; ".join(parts))
+
+    def _redis_dedup_target(self) -> Target:
+        name = (
+            f"throughput at {THROUGHPUT_CONNECTIONS} connections with dedup in Redis >= "
+            f"{REDIS_DEDUP_RATIO_TARGET:g}x the in-process store's"
+        )
+        compared = self._throughput_ratio(BRIDGE_REDIS, BRIDGE)
+        if compared is None:
+            return Target(name, None, "needs bridge and bridge-redis at 64 connections")
+        detail, ratio = compared
+        return Target(name, ratio >= REDIS_DEDUP_RATIO_TARGET, detail)
 
     def _floor_target(self) -> Target:
         name = (
@@ -178,7 +199,7 @@ class Report:
             "| rps / confirm loop (64) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for server in (BRIDGE, BRIDGE_WORKERS):
+        for server in (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE):
             for bridge in self.server_rows(server):
                 reference = self.row(REFERENCE, bridge.connections)
                 http = self.row(HTTP_CEILING, bridge.connections)

@@ -40,6 +40,8 @@ from bench.processes import (
 from bench.profiling import ProfilerUnavailable, ProfileSummary, record, summarise_collapsed
 from bench.report import (
     BRIDGE,
+    BRIDGE_ARCHIVE,
+    BRIDGE_REDIS,
     BRIDGE_WORKERS,
     CONFIRM_LOOP,
     HTTP_CEILING,
@@ -55,7 +57,16 @@ from bench.signed_requests import RequestFactory, new_secret
 
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-SERVERS = (BRIDGE, BRIDGE_WORKERS, REFERENCE, HTTP_CEILING, CONFIRM_LOOP)
+DEFAULT_DEDUP_URL = "redis://127.0.0.1:6379/0"
+SERVERS = (
+    BRIDGE,
+    BRIDGE_WORKERS,
+    BRIDGE_REDIS,
+    BRIDGE_ARCHIVE,
+    REFERENCE,
+    HTTP_CEILING,
+    CONFIRM_LOOP,
+)
 DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 PROFILE_CONNECTIONS = 64
 CONFIRM_LOOP_IN_FLIGHT = (1, 16, 64)
@@ -79,6 +90,8 @@ class Plan:
     servers: tuple[str, ...]
     max_wrk_threads: int
     amqp_url: str
+    dedup_url: str
+    """The Redis the bridge-redis row deduplicates in."""
     queue_type: str
     """Of the queue bound to each exchange: every confirm waits for this queue to store."""
     results_dir: Path
@@ -134,9 +147,17 @@ class Measured:
 
 
 async def _drive(
-    context: Context, target: UnderTest, connections: int, duration_s: int, rate: float
+    context: Context,
+    target: UnderTest,
+    connections: int,
+    duration_s: int,
+    rate: float,
+    pause_ms: float | None = None,
 ) -> Measured:
-    """One wrk run over freshly signed requests, then the broker-side checks."""
+    """One wrk run over freshly signed requests, then the broker-side checks.
+
+    ``pause_ms`` paces each connection (see :func:`bench.load.run_wrk`).
+    """
     threads = context.plan.wrk_threads(connections)
     pool = _pool_size(rate, duration_s, threads)
     server = target.server
@@ -152,6 +173,7 @@ async def _drive(
             threads=threads,
             duration_s=duration_s,
             request_prefix=prefix,
+            pause_ms=pause_ms,
         )
         after = cpu_seconds(server.pids()), cpu_seconds(broker), machine_cpu_seconds()
         peak_rss = server.peak_rss_mb()
@@ -443,7 +465,7 @@ async def run(plan: Plan) -> int:
         plan=plan,
         probe=probe,
         factory=RequestFactory(secret),
-        launch=Launch(secret, plan.amqp_url, plan.results_dir / "logs", run_id),
+        launch=Launch(secret, plan.amqp_url, plan.dedup_url, plan.results_dir / "logs", run_id),
         report=report,
     )
     started = time.monotonic()
@@ -508,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wrk-threads", type=int, default=2, help="most wrk threads (default 2)")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     parser.add_argument(
+        "--dedup-url", default=DEFAULT_DEDUP_URL, help="Redis for the bridge-redis row"
+    )
+    parser.add_argument(
         "--queue-type",
         choices=QUEUE_TYPES,
         default=QUORUM,
@@ -527,6 +552,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile-duration", type=int, help="seconds sampled (default 10)")
     parser.add_argument("--require-targets", action="store_true", help="exit 3 when a target fails")
+    modes = parser.add_argument_group("other modes (bench/instructions.py, bench/soak.py)")
+    modes.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="count the bridge's and the HTTP ceiling's instructions per request over N "
+        "requests under callgrind, instead of timing",
+    )
+    modes.add_argument(
+        "--instructions-warmup", type=int, default=200, metavar="N", help="default 200"
+    )
+    modes.add_argument(
+        "--soak",
+        metavar="DURATION",
+        help="run one bridge at a steady rate for DURATION (90s, 30m, 1h) and watch it drift",
+    )
+    modes.add_argument(
+        "--rate", type=float, help="the soak's requests/s (default: half the measured maximum)"
+    )
+    modes.add_argument(
+        "--soak-interval", type=int, default=20, metavar="SECONDS", help="default 20"
+    )
+    modes.add_argument(
+        "--soak-warmup",
+        metavar="DURATION",
+        help="left out of the verdicts (default: a quarter of the soak, at most 2 minutes)",
+    )
+    modes.add_argument("--soak-connections", type=int, default=32, help="default 32")
     return parser
 
 
@@ -540,6 +593,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         servers=() if args.profile_only else args.servers,
         max_wrk_threads=args.wrk_threads,
         amqp_url=args.amqp_url,
+        dedup_url=args.dedup_url,
         queue_type=args.queue_type,
         results_dir=args.results,
         profile=args.profile_only or args.profile,
@@ -549,7 +603,18 @@ def plan_from(args: argparse.Namespace) -> Plan:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    plan = plan_from(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Imported here: both modes build on this module's measuring pieces.
+    if args.instructions is not None:
+        from bench.instructions import run_instructions
+
+        return run_instructions(args.instructions, args.instructions_warmup, args.results)
+    if args.soak is not None:
+        from bench.soak import run_soak, soak_plan_from
+
+        return run_soak(soak_plan_from(args, parser))
+    plan = plan_from(args)
     try:
         return asyncio.run(run(plan))
     except KeyboardInterrupt:

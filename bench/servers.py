@@ -9,9 +9,21 @@ from pathlib import Path
 
 from bench.broker import BrokerProbe, unique_name
 from bench.processes import Server, clean_environment, descendants, free_port, start_server
-from bench.report import BRIDGE, BRIDGE_WORKERS, HTTP_CEILING, REFERENCE
+from bench.report import (
+    BRIDGE,
+    BRIDGE_ARCHIVE,
+    BRIDGE_REDIS,
+    BRIDGE_WORKERS,
+    HTTP_CEILING,
+    REFERENCE,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
+BRIDGES = (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE)
+ARCHIVE_MAX_AGE = "1h"
+"""The archive row's retention: the run's stream is deleted afterwards anyway."""
+REDIS_DEDUP_WINDOW_S = 120
+"""Short, so that the shared Redis drops the run's keys soon after; TTLs cost nothing."""
 
 
 class WorkersUnsupported(Exception):
@@ -33,14 +45,17 @@ class UnderTest:
 class Launch:
     secret: str
     amqp_url: str
+    dedup_url: str
     log_dir: Path
     run_id: str
+    bridge_command: tuple[str, ...] = (sys.executable, "-m", "bridge", "serve")
+    """How the bridge rows start; the soak wraps ``serve`` in its task probe."""
 
 
 def _start(key: str, launch: Launch) -> tuple[Server, str]:
     port = free_port()
     exchange = unique_name(f"bench.{key}")
-    if key in (BRIDGE, BRIDGE_WORKERS):
+    if key in BRIDGES:
         environment = clean_environment(
             BRIDGE_WEBHOOK_SECRET=launch.secret,
             BRIDGE_AMQP_URL=launch.amqp_url,
@@ -53,7 +68,17 @@ def _start(key: str, launch: Launch) -> tuple[Server, str]:
         )
         if key == BRIDGE_WORKERS:
             environment["BRIDGE_WORKERS"] = "2"
-        command = [sys.executable, "-m", "bridge", "serve"]
+        if key == BRIDGE_REDIS:
+            environment.update(
+                BRIDGE_DEDUP_URL=launch.dedup_url,
+                BRIDGE_DEDUP_KEY_PREFIX=f"bench:{launch.run_id}:{exchange}:",
+                BRIDGE_DEDUP_WINDOW=str(REDIS_DEDUP_WINDOW_S),
+                # Without Redis every request fails the point instead of skipping the check.
+                BRIDGE_DEDUP_ON_ERROR="reject",
+            )
+        if key == BRIDGE_ARCHIVE:
+            environment["BRIDGE_ARCHIVE_MAX_AGE"] = ARCHIVE_MAX_AGE
+        command = list(launch.bridge_command)
         ready = "/readyz"
     elif key == REFERENCE:
         environment = clean_environment(BENCH_WEBHOOK_SECRET=launch.secret)
@@ -87,11 +112,11 @@ async def prepare(key: str, launch: Launch, probe: BrokerProbe) -> UnderTest:
     """
     server, exchange = _start(key, launch)
     side_queues: tuple[str, ...] = ()
-    if key in (BRIDGE, BRIDGE_WORKERS):
+    if key in BRIDGES:
         side_queues = (f"{exchange}.unrouted", f"{exchange}.quarantine")
-        for name in (exchange, *side_queues):
+        for name in (exchange, *side_queues, f"{exchange}.ingress"):
             probe.forget_exchange(name)
-        for name in side_queues:
+        for name in (*side_queues, f"{exchange}.archive"):
             probe.forget_queue(name)
     elif key == REFERENCE:
         probe.forget_exchange(exchange)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from bridge.dedup import Deduplicator, FirstCopyAbandoned
+from bridge.dedup import Deduplicator, DedupRefused, OnStoreError, store_from_settings
 from bridge.events import classify
 from bridge.metrics import CONTENT_TYPE_LATEST, Metrics, RequestOutcome
 from bridge.publisher import (
@@ -30,6 +30,7 @@ from bridge.signature import (
     WebhookHeaders,
     WebhookVerificationError,
 )
+from bridge.tracing import TRACEPARENT, TRACESTATE, PropagationOnly, RequestTrace, Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Ingress:
     verifier: SignatureVerifier
     metrics: Metrics
     dedup: Deduplicator[Delivery]
+    tracing: Tracing
     shutting_down: bool = False
     _success_bodies: dict[RequestOutcome, bytes] = field(
         default_factory=lambda: {
@@ -86,22 +88,23 @@ class Ingress:
         }
     )
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request, trace: RequestTrace) -> web.Response:
         received = time.monotonic()
         try:
             body = await self._read_body(request)
             headers = WebhookHeaders.from_mapping(request.headers)
-            secret_index = self.verifier.verify(headers, body)
+            with trace.verifying():
+                secret_index = self.verifier.verify(headers, body)
             self.metrics.secret_matched(secret_index)
             delivery = await self.dedup.once(
-                headers.webhook_id, lambda: self._deliver(headers, body)
+                headers.webhook_id, lambda: self._deliver(headers, body, trace)
             )
         except WebhookVerificationError as error:
             status, outcome = _VERIFICATION_STATUS[type(error)]
             return self._reject(request, Rejection(status, outcome, str(error)))
         except Rejection as rejection:
             return self._reject(request, rejection)
-        except (BrokerUnavailable, FirstCopyAbandoned) as error:
+        except (BrokerUnavailable, DedupRefused) as error:
             return self._reject(
                 request, Rejection(503, RequestOutcome.UNAVAILABLE, str(error) or "unavailable")
             )
@@ -132,14 +135,17 @@ class Ingress:
                 408, RequestOutcome.BAD_REQUEST, "body not received within the time limit"
             ) from None
 
-    async def _deliver(self, headers: WebhookHeaders, body: bytes) -> Delivery:
+    async def _deliver(self, headers: WebhookHeaders, body: bytes, trace: RequestTrace) -> Delivery:
         event = classify(body)
         if event.kind == "malformed":
             logger.warning(
                 "quarantining authentic but malformed webhook",
                 extra={"webhook_id": headers.webhook_id, "reason": event.reason},
             )
-        outcome = await self.publisher.publish(route(self.topology, headers, body, event))
+        with trace.publishing() as context:
+            outcome = await self.publisher.publish(
+                route(self.topology, headers, body, event, context)
+            )
         return Delivery(outcome, event.event_type)
 
     def _reject(self, request: web.Request, rejection: Rejection) -> web.Response:
@@ -165,14 +171,22 @@ class Ingress:
 
 
 INGRESS = web.AppKey("ingress", Ingress)
+OWNED_PUBLISHER = web.AppKey("owned_publisher", AmqpPublisher)
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
     ingress.metrics.in_flight.inc()
+    trace = ingress.tracing.begin(
+        request.headers.getall(TRACEPARENT, []), request.headers.getall(TRACESTATE, [])
+    )
+    status = 500
     try:
-        return await ingress.handle(request)
+        response = await ingress.handle(request, trace)
+        status = response.status
+        return response
     finally:
+        trace.finish(status)
         ingress.metrics.in_flight.dec()
 
 
@@ -186,6 +200,8 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "shutting down"}, status=503)
     if not ingress.publisher.ready:
         return web.json_response({"status": "broker not ready"}, status=503)
+    if not ingress.dedup.ready:
+        return web.json_response({"status": "deduplication store unavailable"}, status=503)
     return web.json_response({"status": "ready"})
 
 
@@ -202,13 +218,20 @@ def create_app(
     publisher: Publisher | None = None,
     *,
     clock: Callable[[], float] = time.time,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     """Build the app; without a ``publisher`` it connects to ``settings.amqp_url`` itself.
 
-    A publisher handed in stays the caller's to start and close.
+    A publisher handed in stays the caller's to start and close. ``tracing`` (by
+    default only trace context propagation) is shut down, flushing its spans, with the app.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
-    owned_publisher = AmqpPublisher(settings) if publisher is None else None
+    request_metrics = Metrics(secret_count=len(settings.signing_keys))
+    owned_publisher = (
+        AmqpPublisher(settings, on_connect=request_metrics.broker_connected_to)
+        if publisher is None
+        else None
+    )
     chosen = publisher or owned_publisher
     assert chosen is not None
     app[INGRESS] = Ingress(
@@ -218,13 +241,22 @@ def create_app(
         verifier=SignatureVerifier(
             settings.signing_keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
         ),
-        metrics=Metrics(secret_count=len(settings.signing_keys)),
-        dedup=Deduplicator(window_seconds=settings.dedup_window, max_ids=settings.dedup_max_ids),
+        metrics=request_metrics,
+        dedup=Deduplicator(
+            store_from_settings(settings, request_metrics.dedup_store_seconds.observe),
+            wait_seconds=settings.publish_timeout,
+            on_store_error=OnStoreError(settings.dedup_on_error),
+            record=request_metrics.dedup_result,
+        ),
+        tracing=tracing or PropagationOnly(),
     )
     if owned_publisher is not None:
+        app[OWNED_PUBLISHER] = owned_publisher
         app.cleanup_ctx.append(_publisher_lifetime(owned_publisher))
+    app.cleanup_ctx.append(_dedup_store_lifetime)
     app.cleanup_ctx.append(_broker_gauge_updates)
     app.on_shutdown.append(_mark_shutting_down)
+    app.on_cleanup.append(_flush_traces)
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -244,6 +276,13 @@ def _publisher_lifetime(
     return lifetime
 
 
+async def _dedup_store_lifetime(app: web.Application) -> AsyncIterator[None]:
+    store = app[INGRESS].dedup.store
+    await store.start()
+    yield
+    await store.close()
+
+
 async def _broker_gauge_updates(app: web.Application) -> AsyncIterator[None]:
     """Keep the connected gauge current even in workers that are not being scraped."""
     ingress = app[INGRESS]
@@ -256,6 +295,11 @@ async def _broker_gauge_updates(app: web.Application) -> AsyncIterator[None]:
     updater = asyncio.create_task(update_every_second())
     yield
     updater.cancel()
+
+
+async def _flush_traces(app: web.Application) -> None:
+    # Blocks for at most the exporter's flush timeout, once, after the last request.
+    app[INGRESS].tracing.shutdown()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import importlib.util
 import logging
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeAlias
+from typing import Any, Protocol, Self, TypeAlias, TypeVar
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -36,6 +39,7 @@ from aio_pika.abc import (
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bridge.dedup.store import ClaimState, StoreUnavailable
 from bridge.events import UnknownWebhookEvent, UnwrapWebhookEvent, parse_event
 from bridge.publisher import VALIDATED_HEADER
 from bridge.settings import (
@@ -52,8 +56,10 @@ from bridge.signature import (
     WebhookVerificationError,
     decode_secret,
 )
+from bridge.tracing import SpanFactory, TraceContext, handling, message_context
 
 __all__ = [
+    "ClaimState",
     "ConsumerSettings",
     "Delivery",
     "EventConsumer",
@@ -72,6 +78,22 @@ WebhookEvent: TypeAlias = UnwrapWebhookEvent | UnknownWebhookEvent
 Handler: TypeAlias = Callable[[WebhookEvent], Awaitable[None]]
 
 CONNECTION_NAME = "openai-webhook-bridge consumer"
+ConnectionT = TypeVar("ConnectionT")
+
+
+async def connect_to_a_node(
+    amqp_url: str, connect: Callable[..., Awaitable[ConnectionT]], *, attempt_seconds: float
+) -> ConnectionT:
+    """Connect to the first node of ``amqp_url`` (one URL, or a cluster's comma-separated
+    list, as ``BRIDGE_AMQP_URL`` takes them) that answers, in order."""
+    *others, last = (url.strip() for url in amqp_url.split(","))
+    attempt = functools.partial(
+        connect, client_properties={"connection_name": CONNECTION_NAME}, timeout=attempt_seconds
+    )
+    for url in others:
+        with contextlib.suppress(OSError, aio_pika.exceptions.AMQPError, TimeoutError):
+            return await attempt(url)
+    return await attempt(last)
 
 # Queued messages are legitimately old (a consumer may have been down for hours), and the
 # bridge already applied the replay window when OpenAI delivered them: only the HMAC is re-checked.
@@ -110,21 +132,26 @@ class ConsumerSettings(BaseSettings):
 
 
 class IdempotencyStore(Protocol):
-    """Remembers the ``message_id`` of every message handled.
+    """Claims each ``message_id`` before it is handled, and remembers it once handled.
 
-    The bridge publishes each webhook once per pod, but OpenAI may deliver it to
-    two pods, so the same ``message_id`` can arrive twice. When several consumers
-    share a queue, use a store they share (Redis ``SET NX EX``, a unique key in the
-    database the handler writes to).
+    The same ``message_id`` can arrive twice (OpenAI delivered the webhook again and
+    the bridge had no shared deduplication store, or a 503 whose publish was stored
+    anyway). ``claim`` answers ``NEW`` (handle it; then ``done`` or ``release``),
+    ``CONFIRMED`` (handled already: skipped) or ``IN_FLIGHT`` (another replica is
+    handling it: requeued to look again later). Replicas sharing a queue need a store
+    they share: :class:`bridge.dedup.idempotency.RedisIdempotencyStore`, or a unique key
+    in the database the handler writes to. May raise :class:`StoreUnavailable`.
     """
 
-    async def seen(self, message_id: str) -> bool: ...
+    async def claim(self, message_id: str) -> ClaimState: ...
 
-    async def mark(self, message_id: str) -> None: ...
+    async def done(self, message_id: str) -> None: ...
+
+    async def release(self, message_id: str) -> None: ...
 
 
 class InMemoryIdempotencyStore:
-    """A per-process store, bounded in size and age: enough for a single consumer."""
+    """A per-process store, bounded in size and age: enough for a single consumer process."""
 
     def __init__(
         self,
@@ -139,11 +166,12 @@ class InMemoryIdempotencyStore:
         self._ttl_seconds = ttl_seconds
         self._clock = clock
         self._expiry_by_id: OrderedDict[str, float] = OrderedDict()
+        self._claimed: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._expiry_by_id)
 
-    async def seen(self, message_id: str) -> bool:
+    async def claim(self, message_id: str) -> ClaimState:
         now = self._clock()
         # Every entry lives equally long and marking moves it last, so the oldest come first.
         while self._expiry_by_id:
@@ -151,13 +179,22 @@ class InMemoryIdempotencyStore:
             if expiry > now:
                 break
             del self._expiry_by_id[oldest]
-        return message_id in self._expiry_by_id
+        if message_id in self._expiry_by_id:
+            return ClaimState.CONFIRMED
+        if message_id in self._claimed:
+            return ClaimState.IN_FLIGHT
+        self._claimed.add(message_id)
+        return ClaimState.NEW
 
-    async def mark(self, message_id: str) -> None:
+    async def done(self, message_id: str) -> None:
+        self._claimed.discard(message_id)
         self._expiry_by_id[message_id] = self._clock() + self._ttl_seconds
         self._expiry_by_id.move_to_end(message_id)
         while len(self._expiry_by_id) > self._max_ids:
             self._expiry_by_id.popitem(last=False)
+
+    async def release(self, message_id: str) -> None:
+        self._claimed.discard(message_id)
 
 
 class Delivery:
@@ -194,21 +231,38 @@ class Delivery:
         """Whether the bridge validated the event against its model (not for unknown types)."""
         return self.message.headers.get(VALIDATED_HEADER) is True
 
+    @property
+    def trace(self) -> TraceContext | None:
+        """The W3C trace context the message carries (the webhook request's, continued)."""
+        return message_context(self.message.headers)
+
     async def ack(self) -> None:
         """Record the message as handled, then remove it from the queue.
 
-        In this order, a crash in between redelivers a message the store skips.
+        In this order, a crash in between redelivers a message the store skips. If the
+        store cannot record it, the message is still acknowledged (it was handled); the
+        cost is a possible second handling of a later copy.
         """
         if self._idempotency is not None and self.message_id is not None:
-            await self._idempotency.mark(self.message_id)
+            try:
+                await self._idempotency.done(self.message_id)
+            except StoreUnavailable as error:
+                logger.warning(
+                    "could not record a handled message in the idempotency store",
+                    extra={"message_id": self.message_id, "reason": str(error)},
+                )
         await self.message.ack()
 
     async def reject(self, *, requeue: bool = False) -> None:
         """Give the message up: dead-letter it (or drop it, without a dead-letter exchange).
 
         ``requeue=True`` puts it back in the queue instead, for failures a retry can
-        fix; a message that always fails would then come back forever.
+        fix; a message that always fails would then come back forever. Either way its
+        claim is released, so the next copy is handled.
         """
+        if self._idempotency is not None and self.message_id is not None:
+            with contextlib.suppress(StoreUnavailable):  # the claim then expires on its own
+                await self._idempotency.release(self.message_id)
         await self.message.reject(requeue=requeue)
 
 
@@ -222,7 +276,9 @@ class EventConsumer:
     with a durable queue of the same name) and receives every rejected message.
     ``verify_secrets`` (the ``whsec_`` secrets OpenAI signs with) re-checks each
     message's original signature, so events published by anyone else are
-    refused. ``idempotency`` skips a ``message_id`` already handled.
+    refused. ``idempotency`` skips a ``message_id`` already handled, and hands a
+    message whose id another replica is handling back to the queue after
+    ``busy_retry_seconds``.
     """
 
     def __init__(
@@ -237,6 +293,7 @@ class EventConsumer:
         dead_letter_exchange: str | None = None,
         verify_secrets: Sequence[str] = (),
         idempotency: IdempotencyStore | None = None,
+        busy_retry_seconds: float = 1.0,
         timeout: float = 10.0,
     ) -> None:
         if isinstance(patterns, str) or not patterns:
@@ -254,18 +311,15 @@ class EventConsumer:
         self._prefetch = prefetch
         self._quorum = quorum
         self._dead_letter_exchange = dead_letter_exchange
-        self._verifier = (
-            SignatureVerifier(
-                [decode_secret(secret) for secret in verify_secrets], tolerance_seconds=_ANY_AGE
-            )
-            if verify_secrets
-            else None
-        )
+        self._verifier = stored_message_verifier(verify_secrets)
         self._idempotency = idempotency
+        self._busy_retry_seconds = busy_retry_seconds
+        self._requeues: set[asyncio.Task[None]] = set()
         self._timeout = timeout
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._stream: AsyncGenerator[Delivery, None] | None = None
+        self._spans: SpanFactory | None = None
 
     @property
     def exchange(self) -> str:
@@ -282,16 +336,15 @@ class EventConsumer:
     async def __aenter__(self) -> Self:
         async with contextlib.AsyncExitStack() as on_failure:
             async with asyncio.timeout(self._timeout):
-                connection = await aio_pika.connect_robust(
-                    self._amqp_url,
-                    client_properties={"connection_name": CONNECTION_NAME},
-                    timeout=self._timeout,
+                connection = await connect_to_a_node(
+                    self._amqp_url, aio_pika.connect_robust, attempt_seconds=self._timeout
                 )
                 on_failure.push_async_callback(connection.close)
                 await _require_exchange(connection, self._exchange)
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=self._prefetch)
                 self._queue = await self._declare_queue(channel)
+            self._spans = _consumer_spans(self._queue.name)
             self._connection = connection
             on_failure.pop_all()
         return self
@@ -302,16 +355,11 @@ class EventConsumer:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        for requeue in self._requeues:
+            requeue.cancel()  # closing the channel returns their messages to the queue
         connection, stream = self._connection, self._stream
         self._connection, self._queue, self._stream = None, None, None
-        try:
-            if stream is not None:
-                await stream.aclose()
-        finally:
-            if connection is not None:
-                # Closing the channel returns unacknowledged messages to the queue.
-                async with asyncio.timeout(self._timeout):
-                    await connection.close()
+        await close_deliveries(stream, connection, self._timeout)
 
     def __aiter__(self) -> AsyncIterator[Delivery]:
         # One stream per consumer: a loop left with `break` and a later loop share it,
@@ -325,11 +373,15 @@ class EventConsumer:
 
         A handler that returns acknowledges the message; one that raises rejects it
         (to the dead-letter exchange, if any) and the loop goes on with the next.
+        Each handler runs inside the message's trace context: ``current_trace()`` of
+        :mod:`bridge.tracing` returns it, and with OpenTelemetry's API installed a
+        consumer span continues the webhook request's trace.
         """
         async for delivery in self:
             settle: Callable[[], Awaitable[None]]
             try:
-                await handler(delivery.event)
+                with handling(delivery.trace, self._spans):
+                    await handler(delivery.event)
             except Exception:
                 logger.exception(
                     "handler failed; rejecting the message",
@@ -392,7 +444,7 @@ class EventConsumer:
         """The message as a :class:`Delivery`, or ``None`` when it was settled here."""
         context = {"message_id": message.message_id, "routing_key": message.routing_key}
         if self._verifier is not None:
-            problem = _signature_problem(self._verifier, message)
+            problem = signature_problem(self._verifier, message)
             if problem is not None:
                 logger.warning(
                     "rejecting a message that fails signature verification",
@@ -400,14 +452,6 @@ class EventConsumer:
                 )
                 await message.reject(requeue=False)
                 return None
-        if (
-            self._idempotency is not None
-            and message.message_id is not None
-            and await self._idempotency.seen(message.message_id)
-        ):
-            logger.info("skipping a message already handled", extra=context)
-            await message.ack()
-            return None
         try:
             event = parse_event(message.body)
         except ValidationError as error:
@@ -417,7 +461,36 @@ class EventConsumer:
             )
             await message.reject(requeue=False)
             return None
+        if self._idempotency is None or message.message_id is None:
+            return Delivery(event, message)
+        try:
+            state = await self._idempotency.claim(message.message_id)
+        except StoreUnavailable as error:
+            logger.warning(
+                "idempotency store unavailable; the message goes back to the queue",
+                extra={**context, "reason": str(error)},
+            )
+            state = ClaimState.IN_FLIGHT
+        if state is ClaimState.CONFIRMED:
+            logger.info("skipping a message already handled", extra=context)
+            await message.ack()
+            return None
+        if state is ClaimState.IN_FLIGHT:
+            self._requeue_later(message)
+            return None
         return Delivery(event, message, self._idempotency)
+
+    def _requeue_later(self, message: AbstractIncomingMessage) -> None:
+        """Hand ``message`` back after a pause, by when its other copy is done or released."""
+
+        async def requeue() -> None:
+            await asyncio.sleep(self._busy_retry_seconds)
+            with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError):
+                await message.reject(requeue=True)
+
+        task = asyncio.get_running_loop().create_task(requeue())
+        self._requeues.add(task)
+        task.add_done_callback(self._requeues.discard)
 
 
 async def _require_exchange(connection: AbstractRobustConnection, name: str) -> None:
@@ -429,7 +502,31 @@ async def _require_exchange(connection: AbstractRobustConnection, name: str) -> 
             raise ExchangeNotFoundError(name) from None
 
 
-def _signature_problem(verifier: SignatureVerifier, message: AbstractIncomingMessage) -> str | None:
+def stored_message_verifier(secrets: Sequence[str]) -> SignatureVerifier | None:
+    """A verifier for stored messages (no timestamp window), or ``None`` without secrets."""
+    if not secrets:
+        return None
+    keys = [decode_secret(secret) for secret in secrets]
+    return SignatureVerifier(keys, tolerance_seconds=_ANY_AGE)
+
+
+async def close_deliveries(
+    stream: AsyncGenerator[Delivery, None] | None,
+    connection: AbstractConnection | None,
+    close_timeout: float,
+) -> None:
+    """End a consumer's delivery stream, then its connection (which returns, or for a
+    stream forgets, every unacknowledged message)."""
+    try:
+        if stream is not None:
+            await stream.aclose()
+    finally:
+        if connection is not None:
+            async with asyncio.timeout(close_timeout):
+                await connection.close()
+
+
+def signature_problem(verifier: SignatureVerifier, message: AbstractIncomingMessage) -> str | None:
     """Why the message is not what OpenAI signed, or ``None`` when it is."""
     text_headers = {
         name: value for name, value in message.headers.items() if isinstance(value, str)
@@ -450,3 +547,13 @@ def _first_problem(error: ValidationError) -> str:
     first = error.errors(include_url=False, include_context=False, include_input=False)[0]
     location = ".".join(str(part) for part in first["loc"])
     return f"{location}: {first['msg']}" if location else first["msg"]
+
+
+def _consumer_spans(queue: str) -> SpanFactory | None:
+    """Consumer spans when OpenTelemetry's API is installed; without it, only
+    :func:`bridge.tracing.current_trace` inside handlers."""
+    if importlib.util.find_spec("opentelemetry.trace") is None:
+        return None
+    from bridge.tracing.api import consumer_spans
+
+    return consumer_spans(queue)

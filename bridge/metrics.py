@@ -14,9 +14,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from bridge.events import KNOWN_EVENT_TYPES
+
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "RequestOutcome"]
+__all__ = ["CONTENT_TYPE_LATEST", "DedupResult", "Metrics", "RequestOutcome"]
 
 
 class RequestOutcome(enum.StrEnum):
@@ -28,6 +30,17 @@ class RequestOutcome(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
+
+
+class DedupResult(enum.StrEnum):
+    NEW = "new"
+    """This copy claimed the id and published it."""
+    DUPLICATE = "duplicate"
+    """Already confirmed, or shared the outcome of a copy in flight in this process."""
+    WAITED = "waited"
+    """Waited for a copy in flight at another pod (answered duplicate if it confirmed, else 503)."""
+    STORE_ERROR = "store_error"
+    """The store was unreachable: published unchecked, or refused with 503."""
 
 
 class Metrics:
@@ -67,16 +80,57 @@ class Metrics:
             multiprocess_mode="livemin",
             registry=own_registry,
         )
+        self.broker_reconnects = Counter(
+            "webhook_bridge_broker_reconnects",
+            "Connections to a broker node made after the first one (reconnects and failovers).",
+            registry=own_registry,
+        )
+        self.broker_node = Gauge(
+            "webhook_bridge_broker_node_info",
+            "1 for the broker node (host:port) the process is connected to.",
+            ["node"],
+            multiprocess_mode="livemax",
+            registry=own_registry,
+        )
         self.secret_matches = Counter(
             "webhook_bridge_secret_matches",
             "Verified webhooks by the position (0-based) of the configured secret that matched.",
             ["secret_index"],
             registry=own_registry,
         )
+        self.secret_reloads = Counter(
+            "webhook_bridge_secret_reloads",
+            "Changes of the webhook secrets file, by whether the new list was applied or refused.",
+            ["result"],
+            registry=own_registry,
+        )
+        for result in ("applied", "refused"):
+            self.secret_reloads.labels(result=result)
+        self.dedup_results = Counter(
+            "webhook_bridge_dedup_results",
+            "Verified webhooks by what deduplication decided.",
+            ["result"],
+            registry=own_registry,
+        )
+        self.dedup_store_seconds = Histogram(
+            "webhook_bridge_dedup_store_seconds",
+            "Latency of each call to the deduplication store (waits for other pods included).",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
+            registry=own_registry,
+        )
+        self._dedup_counters = {
+            result: self.dedup_results.labels(result=result.value) for result in DedupResult
+        }
+        self._broker_node: str | None = None
         self._outcome_counters = {
             outcome: self.requests.labels(outcome=outcome.value) for outcome in RequestOutcome
         }
-        self._published_counters: dict[str, Counter] = {}
+        # Known types are exported from zero: a series born at 1 hides its first event from
+        # rate() and increase() (tests/test_prometheus.py sees it through a real Prometheus).
+        self._published_counters: dict[str, Counter] = {
+            event_type: self.published.labels(event_type=event_type)
+            for event_type in sorted(KNOWN_EVENT_TYPES)
+        }
         self._secret_counters = [
             self.secret_matches.labels(secret_index=str(index)) for index in range(secret_count)
         ]
@@ -95,8 +149,28 @@ class Metrics:
     def secret_matched(self, index: int) -> None:
         self._secret_counters[index].inc()
 
+    def dedup_result(self, result: DedupResult) -> None:
+        self._dedup_counters[result].inc()
+
+    def secret_count_changed(self, secret_count: int) -> None:
+        """Have a ``secret_index`` child for every position of a reloaded list."""
+        for index in range(len(self._secret_counters), secret_count):
+            self._secret_counters.append(self.secret_matches.labels(secret_index=str(index)))
+
+    def secrets_reloaded(self, result: str) -> None:
+        self.secret_reloads.labels(result=result).inc()
+
     def set_broker_connected(self, connected: bool) -> None:
         self.broker_connected.set(1 if connected else 0)
+
+    def broker_connected_to(self, node: str, reconnect: bool) -> None:
+        """Name ``node`` as the one connected to, and count the connection if it replaces one."""
+        if self._broker_node not in (None, node):
+            self.broker_node.labels(node=self._broker_node).set(0)
+        self.broker_node.labels(node=node).set(1)
+        self._broker_node = node
+        if reconnect:
+            self.broker_reconnects.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,11 +1,12 @@
 """Publishing verified webhooks to RabbitMQ with publisher confirms.
 
-One robust aio-pika connection per process, one confirming channel for
-publishes, and short-lived channels for declaring or checking the topology (a
-failed passive declare closes its channel, which must never be the publishing
-one). Every broker await is bounded by one outer ``asyncio.timeout``, which also
-covers waiting for a robust connection to come back (``publish(timeout=)`` does
-not).
+One aio-pika connection per process, to one node of the configured cluster at a
+time, one confirming channel for publishes, and short-lived channels for
+declaring or checking the topology (a failed passive declare closes its channel,
+which must never be the publishing one). A supervisor task reconnects, failing
+over to the other nodes in turn with backoff and jitter; it re-resolves host
+names on every attempt. While it does, publishes fail at once (503) instead of
+waiting. Every broker await is bounded by one outer ``asyncio.timeout``.
 
 The hot path writes pre-encoded frames (:mod:`bridge.frames`) through the aiormq
 channel underneath aio-pika, registering each confirmation where aiormq's own
@@ -19,27 +20,37 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
+import re
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, ExchangeType
+from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
 from aiormq.abc import ChannelFrame
+from pamqp.common import FieldTable
+from yarl import URL
 
 from bridge.events import Classified
 from bridge.frames import APP_ID, HeaderValue, MessageProperties, encode_publish
-from bridge.settings import Settings
+from bridge.settings import QueueType, Settings, redact_url
 from bridge.signature import WebhookHeaders
+from bridge.tracing import TraceContext, new_trace
 
 logger = logging.getLogger(__name__)
 
 VALIDATED_HEADER = "x-event-validated"
 QUARANTINE_REASON_HEADER = "x-quarantine-reason"
+RETRY_INTERVAL = 0.5
 MAX_RETRY_INTERVAL = 5.0
-RECONNECT_INTERVAL = 1.0
-_MAX_AMQP_TIMESTAMP = 2**63 - 1
+# The AMQP timestamp is 64 bits of seconds, but pamqp (aiormq, aio-pika) reads values
+# past 2**32 - 1 as milliseconds: such a created_at is left out rather than misread.
+_MAX_AMQP_TIMESTAMP = 2**32 - 1
+T = TypeVar("T")
+_EXISTING_QUEUE_TYPE = re.compile(r"current is (?:the value )?'([a-z]+)'")
 
 
 class Outcome(enum.StrEnum):
@@ -69,10 +80,56 @@ class Topology:
     exchange: str
     unrouted_exchange: str
     quarantine_exchange: str
+    queue_type: QueueType = "quorum"
+    archive: ArchiveRetention | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
-        return cls(settings.exchange, settings.unrouted_exchange, settings.quarantine_exchange)
+        return cls(
+            settings.exchange,
+            settings.unrouted_exchange,
+            settings.quarantine_exchange,
+            settings.queue_type,
+            ArchiveRetention.from_settings(settings),
+        )
+
+    @property
+    def ingress_exchange(self) -> str:
+        """With the archive on, the fanout exchange events enter by: it feeds the archive
+        stream and the topic exchange, which keeps its alternate exchange working."""
+        return f"{self.exchange}.ingress"
+
+    @property
+    def archive_stream(self) -> str:
+        return f"{self.exchange}.archive"
+
+    @property
+    def entry_exchange(self) -> str:
+        """Where the bridge publishes authentic, well-formed events."""
+        return self.exchange if self.archive is None else self.ingress_exchange
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveRetention:
+    """How long, or how many bytes, the archive stream keeps (at least one is set)."""
+
+    max_age: str = ""
+    max_bytes: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ArchiveRetention | None:
+        if not settings.archive_enabled:
+            return None
+        return cls(settings.archive_max_age, settings.archive_max_bytes)
+
+    @property
+    def stream_arguments(self) -> FieldTable:
+        arguments: FieldTable = {"x-queue-type": "stream"}
+        if self.max_age:
+            arguments["x-max-age"] = self.max_age
+        if self.max_bytes is not None:
+            arguments["x-max-length-bytes"] = self.max_bytes
+        return arguments
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +144,28 @@ class OutgoingMessage:
 
 
 def route(
-    topology: Topology, headers: WebhookHeaders, body: bytes, event: Classified
+    topology: Topology,
+    headers: WebhookHeaders,
+    body: bytes,
+    event: Classified,
+    trace: TraceContext | None = None,
 ) -> OutgoingMessage:
-    """Apply the routing policy: nothing authentic is dropped, nothing malformed is routed."""
+    """Apply the routing policy: nothing authentic is dropped, nothing malformed is routed.
+
+    Every message carries a W3C ``traceparent``: ``trace``'s, or a new trace's.
+    """
     amqp_headers: dict[str, HeaderValue] = {
         "webhook-id": headers.webhook_id,
         "webhook-signature": headers.signature,
         "webhook-timestamp": headers.timestamp,
     }
+    amqp_headers.update((trace or new_trace()).headers())
     if event.kind == "malformed":
         amqp_headers[QUARANTINE_REASON_HEADER] = event.reason or "malformed"
         exchange, routing_key = topology.quarantine_exchange, ""
     else:
         amqp_headers[VALIDATED_HEADER] = event.kind == "known"
-        exchange, routing_key = topology.exchange, event.event_type or ""
+        exchange, routing_key = topology.entry_exchange, event.event_type or ""
     created_at = event.created_at if event.created_at is not None else int(headers.timestamp)
     properties = MessageProperties(
         message_id=headers.webhook_id,
@@ -127,13 +192,18 @@ class AmqpPublisher:
         settings: Settings,
         *,
         supervise_interval: float = 1.0,
+        on_connect: Callable[[str, bool], None] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._topology = Topology.from_settings(settings)
         self._timeout = settings.publish_timeout
         self._supervise_interval = supervise_interval
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._rng = rng or random.Random()  # noqa: S311  # jitter and spreading, not secrets
+        self._nodes = BrokerNodes(settings.amqp_urls, self._rng)
+        self._on_connect = on_connect
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._amqp_channel: aiormq.Channel | None = None
         self._pending_channel: aiormq.Channel | None = None
         self._pending_frames: list[bytes] = []
@@ -143,10 +213,14 @@ class AmqpPublisher:
         # keeps the slowest requests fast (the benchmark measures this).
         self._in_flight_limit = asyncio.Semaphore(settings.max_publishes_in_flight)
         self._topology_ok = False
+        self._declared = False
         self._stalled = False
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._closing_connections: set[asyncio.Future[None]] = set()
+        self.failed = asyncio.Event()
+        """Set when the broker's state needs an operator (see :class:`TopologyConflict`)."""
 
     @property
     def topology(self) -> Topology:
@@ -156,6 +230,11 @@ class AmqpPublisher:
     def connected(self) -> bool:
         connection = self._connection
         return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the node this process is connected to, if any."""
+        return self._nodes.current if self.connected else None
 
     @property
     def ready(self) -> bool:
@@ -178,10 +257,7 @@ class AmqpPublisher:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(self._timeout):
-                    await self._connection.close()
+        await self._drop_connection(wait=self._timeout)
 
     async def publish(self, message: OutgoingMessage) -> Outcome:
         if not self.ready:
@@ -289,97 +365,296 @@ class AmqpPublisher:
         self._pending_frames.clear()
 
     async def _supervise(self) -> None:
-        interval = self._supervise_interval
+        failures = 0
         last_problem = ""
         while True:
+            wait = self._supervise_interval
             try:
-                if self._connection is None:
+                if not self.connected:
                     await self._connect()
-                if self.connected and not self._topology_ok:
+                if self._channel is None or self._channel.is_closed:
+                    await self._open_channel()
+                if not self._topology_ok:
                     await self._ensure_topology()
-                if self.connected and self._stalled:
+                if self._stalled:
                     await self._probe_broker()
-                interval, last_problem = self._supervise_interval, ""
+                failures, last_problem = 0, ""
             except asyncio.CancelledError:
                 raise
+            except TopologyConflict as conflict:
+                logger.error("cannot start: %s", conflict)
+                self.failed.set()
+                return
             except Exception as error:  # any failure here means "not ready yet"
                 problem = _describe(error)
                 if problem != last_problem:
                     logger.warning("broker not ready: %s", problem)
-                interval, last_problem = min(interval * 2, MAX_RETRY_INTERVAL), problem
+                failures, last_problem = failures + 1, problem
+                wait = _backoff(failures, self._rng)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
 
     async def _connect(self) -> None:
-        settings = self._settings
-        async with asyncio.timeout(max(self._timeout, 10.0)):
-            connection = await aio_pika.connect_robust(
-                settings.amqp_url.get_secret_value(),
-                ssl_context=settings.amqp_ssl_context(),
-                client_properties={"connection_name": APP_ID},
-                timeout=self._timeout,
-                reconnect_interval=RECONNECT_INTERVAL,
+        """Connect to the first node of this round that answers; raise if none does."""
+        await self._drop_connection()
+        problems = []
+        for url in self._nodes.round():
+            node = node_address(url)
+            try:
+                connection = await _within(
+                    self._timeout,
+                    aio_pika.connect(
+                        url.update_query(heartbeat=str(self._settings.amqp_heartbeat)),
+                        ssl_context=self._settings.amqp_ssl_context(url),
+                        client_properties={"connection_name": APP_ID},
+                        timeout=self._timeout,
+                    ),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # this node is down: try the next one
+                problems.append(f"{node}: {_describe(error)}")
+                continue
+            connection.close_callbacks.add(self._on_connection_lost)
+            self._connection = connection
+            reconnect = self._nodes.connected_to(url)
+            logger.info(
+                "%s broker node %s (%s)",
+                "reconnected to" if reconnect else "connected to",
+                node,
+                redact_url(url),
             )
-        connection.close_callbacks.add(self._on_connection_lost)
-        connection.reconnect_callbacks.add(self._on_reconnected)
-        self._channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._connection = connection
-        logger.info("connected to broker at %s", settings.amqp_url_redacted)
+            if self._on_connect is not None:
+                self._on_connect(node, reconnect)
+            return
+        raise ConnectionError("no broker node answered: " + "; ".join(problems))
 
-    def _on_connection_lost(self, *_args: object) -> None:
+    async def _drop_connection(self, *, wait: float = 0.0) -> None:
+        """Forget the current connection and close it in the background, waiting for that
+        at most ``wait`` seconds: closing towards a frozen node can take minutes (unsent
+        data, no Close-Ok), and no failover may wait for it."""
+        connection, self._connection = self._connection, None
+        self._channel = self._amqp_channel = None
         self._topology_ok = False
-        if not self._closing:
-            logger.warning("broker connection lost; reconnecting")
+        self._stalled = False
+        if connection is None or connection.is_closed:
+            return
+        closing = asyncio.ensure_future(connection.close())
+        self._closing_connections.add(closing)
+        closing.add_done_callback(_forget_closed(self._closing_connections))
+        if wait > 0:
+            await asyncio.wait({closing}, timeout=wait)
 
-    def _on_reconnected(self, *_args: object) -> None:
-        logger.info("reconnected to broker; checking topology")
+    async def _open_channel(self) -> None:
+        assert self._connection is not None
+        channel = self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        await _within(self._timeout, channel.initialize())
+        channel.close_callbacks.add(self._on_channel_closed)
+        self._channel, self._amqp_channel = channel, None
+
+    def _on_connection_lost(self, connection: object, _error: object = None) -> None:
+        if connection is not self._connection:
+            return
+        self._topology_ok = False
         self._wake.set()
+        if not self._closing:
+            logger.warning(
+                "lost the connection to broker node %s; failing over", self._nodes.current
+            )
+            self._nodes.lost_current()
+
+    def _on_channel_closed(self, channel: object, _error: object = None) -> None:
+        if channel is self._channel and not self._closing:
+            # A channel closed by the broker (e.g. a deleted exchange) needs the topology again.
+            self._topology_ok = False
+            self._wake.set()
 
     async def _ensure_topology(self) -> None:
-        assert self._connection is not None
-        async with asyncio.timeout(self._timeout), self._connection.channel() as channel:
-            if self._settings.declare_topology:
-                await declare_topology(channel, self._topology)
-            else:
-                await check_topology(channel, self._topology)
+        """Declare the topology on the first connection, and after that only check it,
+        declaring again only if something went missing.
+
+        A passive check reads the node's own copy of the metadata, so it answers even
+        while a frozen node holds up every cluster-wide change until the other nodes
+        declare it down (``net_ticktime``).
+        """
+        declare = self._settings.declare_topology and not self._declared
+        if not declare:
+            try:
+                await self._on_new_channel(check_topology)
+            except RuntimeError:
+                if not self._settings.declare_topology:
+                    raise
+                declare = True
+        if declare:
+            await self._on_new_channel(declare_topology)
+            self._declared = True
         self._topology_ok = True
         logger.info(
-            "topology %s: exchange %s, unrouted %s, quarantine %s",
-            "declared" if self._settings.declare_topology else "checked",
+            "topology %s: exchange %s, unrouted %s, quarantine %s, archive %s",
+            "declared" if declare else "checked",
             self._topology.exchange,
             self._topology.unrouted_exchange,
             self._topology.quarantine_exchange,
+            "off" if self._topology.archive is None else self._topology.archive_stream,
         )
+
+    async def _on_new_channel(
+        self, step: Callable[[AbstractChannel, Topology], Awaitable[None]]
+    ) -> None:
+        """Run ``step`` on a short-lived channel, all of it (the close too) within the deadline."""
+        assert self._connection is not None
+        connection, topology = self._connection, self._topology
+
+        async def on_channel() -> None:
+            async with connection.channel() as channel:
+                await step(channel, topology)
+
+        await _within(self._timeout, on_channel())
 
     async def _probe_broker(self) -> None:
         """A round trip on the publishing connection: it stalls exactly while the broker
         blocks that connection, and needs no permission beyond what publishing needs."""
-        assert self._connection is not None
-        async with asyncio.timeout(self._timeout), self._connection.channel() as channel:
-            await channel.declare_exchange(self._topology.exchange, passive=True)
+        await self._on_new_channel(_declare_exchange_passively)
         self._stalled = False
         logger.info("broker answers again")
+
+
+class BrokerNodes:
+    """The nodes of one cluster in this process's own order, and which to try next.
+
+    The order is shuffled once, so that pods spread over the nodes. After losing a node,
+    the next round starts with the node after it and tries the lost one last.
+    """
+
+    def __init__(self, urls: Sequence[URL], rng: random.Random) -> None:
+        self._urls = list(urls)
+        rng.shuffle(self._urls)
+        self._next = 0
+        self._current: URL | None = None
+        self._connections = 0
+
+    @property
+    def current(self) -> str | None:
+        return None if self._current is None else node_address(self._current)
+
+    def round(self) -> list[URL]:
+        return self._urls[self._next :] + self._urls[: self._next]
+
+    def connected_to(self, url: URL) -> bool:
+        """Record a new connection; true if it replaces an earlier one (a reconnect)."""
+        self._current = url
+        self._next = self._urls.index(url)
+        self._connections += 1
+        return self._connections > 1
+
+    def lost_current(self) -> None:
+        if self._current is not None:
+            self._next = (self._urls.index(self._current) + 1) % len(self._urls)
+
+
+def node_address(url: URL) -> str:
+    """``host:port`` of a node: what logs and metrics name it by, never with credentials."""
+    port = url.port or (5671 if url.scheme == "amqps" else 5672)
+    return f"{url.host}:{port}"
+
+
+async def _within(seconds: float, work: Awaitable[T]) -> T:
+    """Await ``work`` for at most ``seconds``, then abandon it (cancelled, not
+    awaited): towards a frozen node, aio-pika's channel close ignores cancellation, so an
+    ``asyncio.timeout`` around it would not end the wait."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve_outcome)
+        raise TimeoutError
+    if task.cancelled():
+        # aiormq cancels the calls pending on a connection it closes; that is not the
+        # caller being cancelled, and must not end the caller.
+        raise ConnectionError("the connection closed during the call")
+    return task.result()
+
+
+def _retrieve_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _declare_exchange_passively(channel: AbstractChannel, topology: Topology) -> None:
+    await channel.declare_exchange(topology.exchange, passive=True)
+
+
+def _forget_closed(pending: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
+    def forget(closing: asyncio.Future[None]) -> None:
+        pending.discard(closing)
+        _retrieve_outcome(closing)  # a failed close of a lost connection is expected
+
+    return forget
+
+
+def _backoff(failures: int, rng: random.Random) -> float:
+    """Exponential backoff with jitter, bounded by ``MAX_RETRY_INTERVAL``."""
+    ceiling = min(RETRY_INTERVAL * 2 ** (failures - 1), MAX_RETRY_INTERVAL)
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class TopologyConflict(Exception):
+    """A queue the bridge owns exists with another type: only an operator can resolve it."""
 
 
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
     """Declare the exchanges and queues the bridge publishes to, all durable."""
     for name in (topology.unrouted_exchange, topology.quarantine_exchange):
         exchange = await channel.declare_exchange(name, ExchangeType.FANOUT, durable=True)
-        queue = await channel.declare_queue(name, durable=True)
+        queue = await _declare_owned_queue(channel, name, topology.queue_type)
         await queue.bind(exchange)
-    await channel.declare_exchange(
+    main = await channel.declare_exchange(
         topology.exchange,
         ExchangeType.TOPIC,
         durable=True,
         arguments={"alternate-exchange": topology.unrouted_exchange},
     )
+    if topology.archive is not None:
+        await _declare_archive(channel, topology, topology.archive, main)
+
+
+async def _declare_archive(
+    channel: aio_pika.abc.AbstractChannel,
+    topology: Topology,
+    retention: ArchiveRetention,
+    main: aio_pika.abc.AbstractExchange,
+) -> None:
+    """The archive stream, fed by the ingress exchange and by the quarantine exchange.
+
+    A stream bound to the topic exchange itself would count as a route for every event,
+    and the alternate exchange would never see one: hence the fanout ingress in front.
+    """
+    ingress = await channel.declare_exchange(
+        topology.ingress_exchange, ExchangeType.FANOUT, durable=True
+    )
+    await main.bind(ingress)
+    try:
+        stream = await channel.declare_queue(
+            topology.archive_stream, durable=True, arguments=retention.stream_arguments
+        )
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        raise TopologyConflict(
+            f"the archive stream {topology.archive_stream!r} exists with other arguments "
+            f"({error}); RabbitMQ cannot change them on a declare: apply the new retention "
+            "with a policy (max-age, max-length-bytes), or delete the stream"
+        ) from None
+    await stream.bind(ingress)
+    await stream.bind(topology.quarantine_exchange)
 
 
 async def check_topology(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
     """Passively check that operator-managed exchanges exist (raises if one does not)."""
-    for name in (topology.exchange, topology.unrouted_exchange, topology.quarantine_exchange):
+    names = [topology.exchange, topology.unrouted_exchange, topology.quarantine_exchange]
+    if topology.archive is not None:
+        names.append(topology.ingress_exchange)
+    for name in names:
         try:
             await channel.declare_exchange(name, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
@@ -387,6 +662,24 @@ async def check_topology(channel: aio_pika.abc.AbstractChannel, topology: Topolo
                 f"exchange {name!r} does not exist and BRIDGE_DECLARE_TOPOLOGY is false; "
                 "load the broker definitions or enable declaration"
             ) from None
+
+
+async def _declare_owned_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str, queue_type: QueueType
+) -> aio_pika.abc.AbstractQueue:
+    try:
+        return await channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": queue_type}
+        )
+    except aiormq.exceptions.ChannelPreconditionFailed as error:
+        if "'x-queue-type'" not in str(error):
+            raise
+        existing = _EXISTING_QUEUE_TYPE.search(str(error))
+        raise TopologyConflict(
+            f"queue {name!r} exists as a {existing.group(1) if existing else 'classic'} queue "
+            f"but BRIDGE_QUEUE_TYPE is {queue_type}; RabbitMQ cannot change a queue's type: "
+            f"move its messages elsewhere and delete it, or set BRIDGE_QUEUE_TYPE to its type"
+        ) from None
 
 
 def _describe(error: BaseException) -> str:

@@ -27,14 +27,19 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.app import INGRESS, WEBHOOK_PATH, create_app
+from bridge.app import INGRESS, OWNED_PUBLISHER, WEBHOOK_PATH, create_app
 from bridge.logs import configure_logging
 from bridge.metrics import MULTIPROCESS_DIR_VARIABLE
+from bridge.secrets import SecretReloader, SecretSource
 from bridge.settings import Settings
+from bridge.signature import SignatureVerifier
+from bridge.tracing import from_environment as tracing_from_environment
 
 logger = logging.getLogger(__name__)
 
 KILL_GRACE_SECONDS = 10.0
+EXIT_BROKER_NEEDS_OPERATOR = 2
+FIXED_SECRETS = SecretSource("the settings")
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -48,9 +53,13 @@ def run(coroutine: Coroutine[Any, Any, int]) -> int:
         return runner.run(coroutine)
 
 
-async def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit 0."""
-    app = create_app(settings)
+async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS) -> int:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit 0.
+
+    SIGHUP re-reads the secrets file, which is also polled, when ``secret_source`` has one.
+    """
+    app = create_app(settings, tracing=tracing_from_environment())
+    reload_secrets_on_change(app, settings, secret_source)
     runner = web.AppRunner(
         app,
         access_log=None,
@@ -74,7 +83,8 @@ async def serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     logger.info(
-        "listening on http://%s:%s%s, publishing to exchange %s at %s (%d webhook secret%s)",
+        "listening on http://%s:%s%s, publishing to exchange %s at %s "
+        "(%d webhook secret%s from %s)",
         settings.host,
         settings.port,
         WEBHOOK_PATH,
@@ -82,27 +92,72 @@ async def serve(settings: Settings) -> int:
         settings.amqp_url_redacted,
         len(settings.signing_keys),
         "" if len(settings.signing_keys) == 1 else "s",
+        secret_source.description,
     )
-    await stop.wait()
+    broker_failed = app[OWNED_PUBLISHER].failed
+    await _first_of(stop, broker_failed)
     app[INGRESS].shutting_down = True
     logger.info("shutting down: draining in-flight requests for up to %gs", settings.drain_timeout)
     await runner.cleanup()
     logger.info("stopped")
-    return 0
+    return EXIT_BROKER_NEEDS_OPERATOR if broker_failed.is_set() else 0
 
 
-def serve_forever(settings: Settings) -> int:
+async def _first_of(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def reload_secrets_on_change(
+    app: web.Application, settings: Settings, source: SecretSource
+) -> None:
+    """Swap the ingress's verifier when the secrets file changes; SIGHUP checks at once."""
+    loop = asyncio.get_running_loop()
+    if source.path is None:
+        loop.add_signal_handler(signal.SIGHUP, _secrets_cannot_change, source)
+        return
+    ingress = app[INGRESS]
+
+    def apply(verifier: SignatureVerifier) -> None:
+        ingress.metrics.secret_count_changed(verifier.secret_count)
+        ingress.verifier = verifier
+
+    reloader = SecretReloader(
+        source.path,
+        current=lambda: ingress.verifier,
+        apply=apply,
+        counted=ingress.metrics.secrets_reloaded,
+        initial_keys=settings.signing_keys,
+    )
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
+    app.cleanup_ctx.append(lambda _app: reloader.watch(settings.secrets_poll_interval))
+
+
+def _secrets_cannot_change(source: SecretSource) -> None:
+    logger.warning(
+        "SIGHUP received: the webhook secrets come from %s and cannot change while the "
+        "bridge runs; put them in the BRIDGE_WEBHOOK_SECRET file of BRIDGE_SECRETS_DIR "
+        "to reload them, or restart",
+        source.description,
+    )
+
+
+def serve_forever(settings: Settings, secret_source: SecretSource = FIXED_SECRETS) -> int:
     """The ``serve`` command: logging configured, then one process or supervised workers."""
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers == 1:
-        return run(serve(settings))
-    return _supervise_workers(settings)
+        return run(serve(settings, secret_source))
+    return _supervise_workers(settings, secret_source)
 
 
-def _worker(settings: Settings, supervisor_pid: int) -> None:
+def _worker(settings: Settings, supervisor_pid: int, secret_source: SecretSource) -> None:
     configure_logging(settings.log_level, settings.log_format)
     _terminate_with_supervisor(supervisor_pid)
-    raise SystemExit(run(serve(settings)))
+    raise SystemExit(run(serve(settings, secret_source)))
 
 
 def _terminate_with_supervisor(supervisor_pid: int) -> None:
@@ -118,27 +173,39 @@ def _terminate_with_supervisor(supervisor_pid: int) -> None:
         raise SystemExit(1)
 
 
-def _supervise_workers(settings: Settings) -> int:
+def _supervise_workers(settings: Settings, secret_source: SecretSource) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="webhook-bridge-metrics-")
     os.environ[MULTIPROCESS_DIR_VARIABLE] = metrics_dir
     context = multiprocessing.get_context("spawn")
     workers: list[BaseProcess] = [
-        context.Process(target=_worker, args=(settings, os.getpid()), name=f"worker-{index}")
+        context.Process(
+            target=_worker, args=(settings, os.getpid(), secret_source), name=f"worker-{index}"
+        )
         for index in range(settings.workers)
     ]
     stopping = False
 
+    def signal_workers(signum: int) -> None:
+        for worker in workers:
+            if worker.is_alive() and worker.pid is not None:
+                os.kill(worker.pid, signum)
+
     def stop_workers(_signum: int = signal.SIGTERM, _frame: object = None) -> None:
         nonlocal stopping
         stopping = True
-        for worker in workers:
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGTERM)
+        signal_workers(signal.SIGTERM)
+
+    def forward_reload(_signum: int, _frame: object) -> None:
+        signal_workers(signal.SIGHUP)
 
     signal.signal(signal.SIGTERM, stop_workers)
     signal.signal(signal.SIGINT, stop_workers)
+    # Workers inherit "ignore" until their own handler is in place, and their first look
+    # at the secrets file comes after that, so a SIGHUP meanwhile misses nothing.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for worker in workers:
         worker.start()
+    signal.signal(signal.SIGHUP, forward_reload)
     logger.info("started %d workers on port %s", len(workers), settings.port)
 
     unexpected_exit = False

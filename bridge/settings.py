@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import ssl
 from functools import cached_property
 from pathlib import Path
@@ -13,17 +15,20 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
-from bridge.signature import InvalidSecretError, decode_secret
+from bridge.signature import decode_secret_list
 
 ENV_PREFIX = "BRIDGE_"
+SECRETS_DIR_VARIABLE = f"{ENV_PREFIX}SECRETS_DIR"
 DEFAULT_SECRETS_DIR = Path("/run/secrets/webhook-bridge")
 DEFAULT_EXCHANGE = "openai.webhooks"
+DEDUP_WINDOW_WITH_REDIS = 73 * 3600.0
 
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
@@ -31,7 +36,14 @@ def _upper(value: Any) -> Any:
 
 LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)]
 LogFormat = Literal["auto", "json", "text"]
+QueueType = Literal["quorum", "classic"]
 Seconds = Annotated[float, Field(gt=0)]
+# RabbitMQ's x-max-age: a positive count of years, months, days, hours, minutes or seconds.
+_ARCHIVE_MAX_AGE = re.compile(r"[1-9][0-9]{0,8}[YMDhms]")
+
+
+def _empty_is_none(value: Any) -> Any:
+    return None if value == "" else value
 
 
 class SettingsError(Exception):
@@ -50,12 +62,34 @@ class Settings(BaseSettings):
     webhook_secret: Annotated[SecretStr, NoDecode] = Field(
         description="One or more whsec_ secrets, comma-separated; any one matching passes."
     )
-    amqp_url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    secrets_poll_interval: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=2.0,
+        description="Seconds between checks of the secrets file for new webhook secrets; "
+        "0 checks only on SIGHUP.",
+    )
+    amqp_url: SecretStr = Field(
+        default=SecretStr("amqp://guest:guest@localhost:5672/"),
+        description="One AMQP URL, or several (comma-separated) nodes of one cluster.",
+    )
     amqp_ca_file: Path | None = None
+    amqp_heartbeat: Annotated[int, Field(ge=1, le=600)] = 10
+    queue_type: QueueType = "quorum"
     exchange: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_EXCHANGE
     quarantine_exchange: str = ""
     unrouted_exchange: str = ""
     declare_topology: bool = True
+    archive_max_age: str = Field(
+        default="",
+        description="Keep an archive stream of every accepted event for this long "
+        "(RabbitMQ's x-max-age, e.g. 7D, 12h); empty: no age limit.",
+    )
+    archive_max_bytes: Annotated[
+        Annotated[int, Field(ge=1)] | None, BeforeValidator(_empty_is_none)
+    ] = Field(
+        default=None,
+        description="Keep at most this many bytes in the archive stream; empty: no size limit. "
+        "With neither archive setting there is no archive.",
+    )
     host: str = "0.0.0.0"  # noqa: S104  # a container must listen beyond loopback
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     timestamp_tolerance: Annotated[int, Field(ge=1, le=86_400)] = 300
@@ -65,8 +99,22 @@ class Settings(BaseSettings):
     max_publishes_in_flight: Annotated[int, Field(ge=1, le=10_000)] = 32
     drain_timeout: Seconds = 20.0
     retry_after: Annotated[int, Field(ge=1)] = 5
-    dedup_window: Annotated[float, Field(ge=0)] = 600.0
+    dedup_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="redis:// or rediss:// URL of a Redis shared by all pods; "
+        "empty: deduplicate in this process only.",
+    )
+    dedup_window: Annotated[
+        Annotated[float, Field(ge=0)] | None, BeforeValidator(_empty_is_none)
+    ] = Field(
+        default=None,
+        description="Seconds a confirmed webhook-id is remembered; default 600 in process, "
+        f"{DEDUP_WINDOW_WITH_REDIS:g} (OpenAI's 72 h of retries plus 1 h) with Redis.",
+    )
     dedup_max_ids: Annotated[int, Field(ge=0)] = 100_000
+    dedup_on_error: Literal["publish", "reject"] = "publish"
+    dedup_timeout: Annotated[float, Field(gt=0, le=10)] = 0.2
+    dedup_key_prefix: str = ""
     workers: Annotated[int, Field(ge=1, le=64)] = 1
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
@@ -74,9 +122,17 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        url = URL(value.get_secret_value())
-        if url.scheme not in ("amqp", "amqps") or not url.host:
-            raise ValueError("must be an amqp:// or amqps:// URL with a host")
+        _split_amqp_urls(value)
+        return value
+
+    @field_validator("archive_max_age")
+    @classmethod
+    def _rabbitmq_max_age(cls, value: str) -> str:
+        if value and _ARCHIVE_MAX_AGE.fullmatch(value) is None:
+            raise ValueError(
+                "must be a RabbitMQ x-max-age such as 7D, 12h or 30m "
+                "(a positive number and one of Y, M, D, h, m, s)"
+            )
         return value
 
     @field_validator("webhook_secret")
@@ -91,32 +147,94 @@ class Settings(BaseSettings):
         self.unrouted_exchange = self.unrouted_exchange or f"{self.exchange}.unrouted"
         return self
 
+    @field_validator("dedup_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if not text:
+            return value
+        url = URL(text)
+        if url.scheme not in ("redis", "rediss") or not url.host:
+            raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError(
+                "needs the Redis client: pip install 'openai-webhook-bridge[redis]'"
+            )
+        return value
+
+    @field_validator("dedup_window")
+    @classmethod
+    def _window_with_redis(cls, value: float | None, info: ValidationInfo) -> float | None:
+        url = info.data.get("dedup_url")
+        if value == 0 and url is not None and url.get_secret_value():
+            raise ValueError("must be positive with BRIDGE_DEDUP_URL (or leave it unset)")
+        return value
+
+    @model_validator(mode="after")
+    def _default_dedup_key_prefix(self) -> Settings:
+        self.dedup_key_prefix = self.dedup_key_prefix or f"webhook-bridge:{self.exchange}:"
+        return self
+
+    @property
+    def dedup_window_seconds(self) -> float:
+        if self.dedup_window is not None:
+            return self.dedup_window
+        return DEDUP_WINDOW_WITH_REDIS if self.dedup_url.get_secret_value() else 600.0
+
+    @property
+    def dedup_claim_ttl(self) -> float:
+        """Seconds a claim outlives a pod that died mid-publish: a little over twice the
+        publish timeout, so a live pod's claim never expires before its publish ends."""
+        return 2 * self.publish_timeout + 1
+
+    @property
+    def dedup_url_redacted(self) -> str:
+        return redact_url(URL(self.dedup_url.get_secret_value()))
+
     @cached_property
     def signing_keys(self) -> tuple[bytes, ...]:
         return _decode_secrets(self.webhook_secret)
 
     @property
-    def amqp_url_redacted(self) -> str:
-        url = URL(self.amqp_url.get_secret_value())
-        return str(url.with_password("***")) if url.password else str(url)
+    def archive_enabled(self) -> bool:
+        return bool(self.archive_max_age) or self.archive_max_bytes is not None
 
-    def amqp_ssl_context(self) -> ssl.SSLContext | None:
-        """TLS context for ``amqps://``: the system CAs, or the configured CA bundle."""
-        if URL(self.amqp_url.get_secret_value()).scheme != "amqps":
+    @cached_property
+    def amqp_urls(self) -> tuple[URL, ...]:
+        """The broker nodes to connect to, in the configured order."""
+        return _split_amqp_urls(self.amqp_url)
+
+    @property
+    def amqp_url_redacted(self) -> str:
+        return ",".join(redact_url(url) for url in self.amqp_urls)
+
+    def amqp_ssl_context(self, url: URL | None = None) -> ssl.SSLContext | None:
+        """TLS context for an ``amqps://`` node (the first one by default): the system CAs,
+        or the configured CA bundle."""
+        if (url or self.amqp_urls[0]).scheme != "amqps":
             return None
         return ssl.create_default_context(
             cafile=str(self.amqp_ca_file) if self.amqp_ca_file else None
         )
 
 
+def redact_url(url: URL) -> str:
+    """The URL as it may be logged: any password replaced by ``***``."""
+    return str(url.with_password("***")) if url.password else str(url)
+
+
+def _split_amqp_urls(value: SecretStr) -> tuple[URL, ...]:
+    urls = []
+    for position, text in enumerate(value.get_secret_value().split(","), start=1):
+        url = URL(text.strip())
+        if url.scheme not in ("amqp", "amqps") or not url.host:
+            raise ValueError(f"URL #{position} must be an amqp:// or amqps:// URL with a host")
+        urls.append(url)
+    return tuple(urls)
+
+
 def _decode_secrets(value: SecretStr) -> tuple[bytes, ...]:
-    keys = []
-    for position, secret in enumerate(value.get_secret_value().split(","), start=1):
-        try:
-            keys.append(decode_secret(secret))
-        except InvalidSecretError as error:
-            raise ValueError(f"secret #{position} {error}") from None
-    return tuple(keys)
+    return decode_secret_list(value.get_secret_value())
 
 
 def env_name(field: str) -> str:
@@ -124,7 +242,7 @@ def env_name(field: str) -> str:
 
 
 def default_secrets_dir() -> Path:
-    return Path(os.environ.get(f"{ENV_PREFIX}SECRETS_DIR", DEFAULT_SECRETS_DIR))
+    return Path(os.environ.get(SECRETS_DIR_VARIABLE, DEFAULT_SECRETS_DIR))
 
 
 def load_settings(secrets_dir: Path | None = None, **overrides: Any) -> Settings:

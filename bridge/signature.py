@@ -70,6 +70,20 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
+def decode_secret_list(secrets: str) -> tuple[bytes, ...]:
+    """Decode comma-separated ``whsec_`` secrets, as ``BRIDGE_WEBHOOK_SECRET`` holds them.
+
+    The error names the position (1-based) of the first unusable secret, never its value.
+    """
+    keys = []
+    for position, secret in enumerate(secrets.split(","), start=1):
+        try:
+            keys.append(decode_secret(secret))
+        except InvalidSecretError as error:
+            raise InvalidSecretError(f"secret #{position} {error}") from None
+    return tuple(keys)
+
+
 def sign(key: bytes, webhook_id: str, timestamp: int, body: bytes) -> str:
     """Return the ``v1,<base64>`` signature entry OpenAI would send for this key."""
     mac = hmac.new(key, f"{webhook_id}.{timestamp}.".encode(), hashlib.sha256)
@@ -115,6 +129,14 @@ class SignatureVerifier:
         self._tolerance_seconds = tolerance_seconds
         self._clock = clock
 
+    @property
+    def secret_count(self) -> int:
+        return len(self._keyed_macs)
+
+    def with_keys(self, keys: Sequence[bytes]) -> SignatureVerifier:
+        """A verifier for other secrets with the same tolerance and clock."""
+        return SignatureVerifier(keys, tolerance_seconds=self._tolerance_seconds, clock=self._clock)
+
     def verify(self, headers: WebhookHeaders, body: bytes) -> int:
         """Verify ``body`` against the headers and return the matching secret's index.
 
@@ -148,6 +170,9 @@ class SignatureVerifier:
 
 
 def _v1_signatures(header: str) -> list[bytes]:
+    # Every entry travels on as an AMQP header, whatever its version: all must be text.
+    if not header.isascii():
+        raise MalformedWebhookHeaders("webhook-signature must be ASCII")
     entries = header.split()
     if not entries:
         raise MalformedWebhookHeaders("webhook-signature is empty")

@@ -34,6 +34,9 @@ from bridge.signature import decode_secret, sign
 
 AMQP_URL = os.environ.get("BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
+# Fixtures shared by the load tests, in the module that defines the sender.
+pytest_plugins = ("tests.sender",)
+
 
 def pamqp_properties(properties: MessageProperties) -> Basic.Properties:
     """The bridge's message properties as pamqp/aiormq spell them."""
@@ -181,8 +184,13 @@ class Broker:
             topology.exchange,
             topology.unrouted_exchange,
             topology.quarantine_exchange,
+            topology.ingress_exchange,  # with the archive on
         ]
-        self.created_queues += [topology.unrouted_exchange, topology.quarantine_exchange]
+        self.created_queues += [
+            topology.unrouted_exchange,
+            topology.quarantine_exchange,
+            topology.archive_stream,
+        ]
 
     async def cleanup(self) -> None:
         async with fresh_channel() as channel:
@@ -285,7 +293,10 @@ class BridgeProcess:
         return self.process.wait(timeout=timeout)
 
 
-def bridge_environment(signer: Signer, exchange: str, port: int, **extra: str) -> dict[str, str]:
+def bridge_environment(
+    signer: Signer, exchange: str, port: int, **extra: str | None
+) -> dict[str, str]:
+    """The environment of a bridge process; an ``extra`` value of None unsets the variable."""
     environment = {
         key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")
     }
@@ -298,7 +309,11 @@ def bridge_environment(signer: Signer, exchange: str, port: int, **extra: str) -
         BRIDGE_LOG_FORMAT="json",
         BRIDGE_DRAIN_TIMEOUT="10",
     )
-    environment.update(extra)
+    for name, value in extra.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
     return environment
 
 
@@ -309,7 +324,7 @@ def start_bridge(
     """Start ``webhook-bridge serve`` processes; their logs go to files under ``tmp_path``."""
     started: list[BridgeProcess] = []
 
-    def start(exchange: str | None = None, **extra: str) -> BridgeProcess:
+    def start(exchange: str | None = None, **extra: str | None) -> BridgeProcess:
         exchange = exchange or unique_name("test.webhooks")
         broker.forget_topology(Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine"))
         port = free_port()

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
+import pytest
 
 from bridge.samples import new_webhook_id, sample_body
 from tests.conftest import Signer
@@ -26,6 +29,8 @@ class DeliveryReport:
     """What the sender saw: the ids that got a 2xx, every status, and what it gave up on."""
 
     accepted: set[str] = field(default_factory=set)
+    accepted_attempts: list[tuple[float, float]] = field(default_factory=list)
+    """(sent, answered) monotonic times of each attempt answered with a 2xx."""
     statuses: Counter[int] = field(default_factory=Counter)
     connection_errors: int = 0
     given_up: set[str] = field(default_factory=set)
@@ -33,6 +38,18 @@ class DeliveryReport:
     @property
     def server_errors_other_than_503(self) -> dict[int, int]:
         return {status: n for status, n in self.statuses.items() if status >= 500 and status != 503}
+
+    def first_2xx_sent_after(self, moment: float) -> float:
+        """Seconds from ``moment`` to the answer of the first 2xx'd attempt sent after it."""
+        answered = [end for start, end in self.accepted_attempts if start >= moment]
+        assert answered, "no request sent after that moment got a 2xx"
+        return min(answered) - moment
+
+
+def assert_nothing_lost(report: DeliveryReport, in_queue: list[str]) -> None:
+    assert report.accepted, "the sender got no 2xx at all"
+    assert report.server_errors_other_than_503 == {}
+    assert report.accepted <= set(in_queue), "a 2xx'd event is missing from the queue"
 
 
 @dataclass
@@ -91,6 +108,7 @@ class OpenAILikeSender:
         backoff = 0.05
         while time.monotonic() < deadline and not self._abandon.is_set():
             headers = self.signer.headers(body, webhook_id=webhook_id)
+            sent = time.monotonic()
             try:
                 async with session.post(self.url, data=body, headers=headers) as response:
                     await response.read()
@@ -98,6 +116,7 @@ class OpenAILikeSender:
                     if 200 <= response.status < 300:
                         async with self._progress:
                             self.report.accepted.add(webhook_id)
+                            self.report.accepted_attempts.append((sent, time.monotonic()))
                             self._progress.notify_all()
                         return
             except (aiohttp.ClientError, TimeoutError):
@@ -105,3 +124,19 @@ class OpenAILikeSender:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.max_backoff)
         self.report.given_up.add(webhook_id)
+
+
+@pytest.fixture
+async def make_sender() -> AsyncIterator[Callable[..., OpenAILikeSender]]:
+    """Senders that are always stopped, even when a test fails halfway."""
+    senders: list[OpenAILikeSender] = []
+
+    def make(url: str, signer: Signer, **options: Any) -> OpenAILikeSender:
+        sender = OpenAILikeSender(url, signer, **options)
+        senders.append(sender)
+        return sender
+
+    yield make
+    for sender in senders:
+        if sender._task is not None and not sender._task.done():
+            await sender.finish(abandon=True)

@@ -54,11 +54,11 @@ async def test_known_event_is_published_with_its_exact_bytes(
 async def test_unknown_type_is_routed_by_type_and_flagged(
     client: Client, signer: Signer, fake_publisher: FakePublisher
 ) -> None:
-    body = b'{"id":"evt_2","created_at":1750861210,"type":"agent.session.created","data":{}}'
+    body = b'{"id":"evt_2","created_at":1750861210,"type":"video.completed","data":{}}'
     response = await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
     assert response.status == 200
     [message] = fake_publisher.published
-    assert message.routing_key == "agent.session.created"
+    assert message.routing_key == "video.completed"
     assert message.properties.headers is not None
     assert message.properties.headers[VALIDATED_HEADER] is False
 

@@ -24,6 +24,7 @@ from bridge.consumer import (
     InMemoryIdempotencyStore,
     WebhookEvent,
 )
+from bridge.dedup import ClaimState
 from bridge.events import EVENT_MODELS, KNOWN_EVENT_TYPES, UnknownWebhookEvent, classify
 from bridge.publisher import Topology, route
 from bridge.samples import sample_body
@@ -70,17 +71,26 @@ def test_an_unusable_verification_secret_is_refused_at_construction() -> None:
 async def test_in_memory_idempotency_store_forgets_by_age_and_by_count() -> None:
     now = 1000.0
     store = InMemoryIdempotencyStore(max_ids=2, ttl_seconds=60, clock=lambda: now)
-    await store.mark("a")
-    assert await store.seen("a")
-    assert not await store.seen("b")
-    await store.mark("b")
-    await store.mark("c")
-    assert not await store.seen("a"), "the oldest id is dropped beyond max_ids"
-    assert await store.seen("b")
+    assert await store.claim("a") is ClaimState.NEW
+    await store.done("a")
+    assert await store.claim("a") is ClaimState.CONFIRMED
+    for message_id in ("b", "c"):
+        assert await store.claim(message_id) is ClaimState.NEW
+        await store.done(message_id)
+    assert await store.claim("a") is ClaimState.NEW, "the oldest id is dropped beyond max_ids"
+    assert await store.claim("b") is ClaimState.CONFIRMED
     assert len(store) == 2
     now += 61
-    assert not await store.seen("c")
+    assert await store.claim("c") is ClaimState.NEW
     assert len(store) == 0
+
+
+async def test_in_memory_idempotency_store_claims_and_releases() -> None:
+    store = InMemoryIdempotencyStore()
+    assert await store.claim("a") is ClaimState.NEW
+    assert await store.claim("a") is ClaimState.IN_FLIGHT
+    await store.release("a")
+    assert await store.claim("a") is ClaimState.NEW
 
 
 # --- against the broker -------------------------------------------------------------
@@ -321,7 +331,7 @@ async def test_a_repeated_message_id_is_handled_once(
             await settle_time()
             assert await ready_count(broker, queue) == 0, "the skipped copy is acknowledged too"
     assert [event.id for event in handled] == [json.loads(body)["id"], json.loads(other)["id"]]
-    assert await store.seen(headers["webhook-id"])
+    assert await store.claim(headers["webhook-id"]) is ClaimState.CONFIRMED
 
 
 @pytest.mark.broker
@@ -628,9 +638,42 @@ COOKBOOK_EXPECTATIONS = {
     "every batch outcome": {t for t in KNOWN_EVENT_TYPES if t.startswith("batch.")},
     "every failure, across products": {t for t in KNOWN_EVENT_TYPES if t.endswith(".failed")},
     "everything that did not succeed": {
-        t for t in KNOWN_EVENT_TYPES if not t.endswith((".completed", ".succeeded", ".incoming"))
+        "agent.environment.expired",
+        "agent.environment.failed",
+        "agent.session.failed",
+        "batch.cancelled",
+        "batch.expired",
+        "batch.failed",
+        "eval.run.canceled",
+        "eval.run.failed",
+        "fine_tuning.job.cancelled",
+        "fine_tuning.job.failed",
+        "response.cancelled",
+        "response.failed",
+        "response.incomplete",
     },
     "only Realtime calls": {"realtime.call.incoming"},
+    "calls and sessions for the Live API": {"live.transport.incoming", "live.transport.connected"},
+    "agent sessions, every state change": {
+        "agent.session.action_required",
+        "agent.session.created",
+        "agent.session.failed",
+        "agent.session.idle",
+        "agent.session.in_progress",
+    },
+    "agent sessions waiting for an action": {"agent.session.action_required"},
+    "agent environments changing state (ready, failed, suspended, expired)": {
+        "agent.environment.expired",
+        "agent.environment.failed",
+        "agent.environment.ready",
+        "agent.environment.suspended",
+    },
+    "every safety notice, for the trust and safety team": {
+        "safety.alert.created",
+        "safety.deactivation_issued",
+        "safety.org_alert.created",
+        "safety.warning_issued",
+    },
     "everything, including types OpenAI adds later": KNOWN_EVENT_TYPES | {"thing.created"},
 }
 

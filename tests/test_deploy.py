@@ -53,6 +53,8 @@ UNROUTED = "openai.webhooks.unrouted"
 QUARANTINE = "openai.webhooks.quarantine"
 DEAD_LETTER = "openai.webhooks.dead-letter"
 EXAMPLE_QUEUE = "billing.batch-outcomes"
+INGRESS = "openai.webhooks.ingress"
+ARCHIVE = "openai.webhooks.archive"
 BRIDGE_USER = "webhook-bridge"
 CONSUMER_USER = "webhook-consumer"
 
@@ -647,9 +649,30 @@ def _dockerfile_stages() -> list[list[Instruction]]:
         instruction = Instruction(keyword.upper(), arguments.strip())
         if instruction.keyword == "FROM":
             stages.append([])
-        assert stages, "the Dockerfile must start with FROM"
+        if not stages and instruction.keyword == "ARG":
+            continue  # a global build argument, read by _global_build_args
+        assert stages, "the Dockerfile must start with FROM (after global ARGs)"
         stages[-1].append(instruction)
     return stages
+
+
+def _global_build_args() -> dict[str, str]:
+    """The ``ARG name=default`` lines before the first FROM."""
+    defaults = {}
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if line.upper().startswith("FROM "):
+            break
+        if line.upper().startswith("ARG "):
+            name, _, default = line[4:].strip().partition("=")
+            defaults[name] = default
+    return defaults
+
+
+def _base_image(stage: list[Instruction]) -> str:
+    """The stage's FROM image, with global build arguments at their defaults."""
+    words = [w for w in stage[0].arguments.split() if not w.startswith("--")]
+    return re.sub(r"\$\{?(\w+)\}?", lambda match: _global_build_args()[match.group(1)], words[0])
 
 
 def _arguments(stage: list[Instruction], keyword: str) -> list[str]:
@@ -662,13 +685,20 @@ def test_dockerfile_is_multi_stage_with_pinned_bases() -> None:
     earlier_stages: set[str] = set()
     for stage in stages:
         words = [w for w in stage[0].arguments.split() if not w.startswith("--")]
-        image = words[0]
+        image = _base_image(stage)
         if image.lower() not in earlier_stages:
             assert _pinned(image), f"FROM {image} is not pinned to an explicit version tag"
         if len(words) >= 3 and words[1].upper() == "AS":
             earlier_stages.add(words[2].lower())
     final = stages[-1]
     assert any("--from=" in copy for copy in _arguments(final, "COPY"))
+
+
+def test_dockerfile_takes_the_python_image_for_both_stages() -> None:
+    """``--build-arg PYTHON_IMAGE=...`` swaps the base of the builder and the runtime alike."""
+    assert _global_build_args()["PYTHON_IMAGE"].endswith("-slim-bookworm")
+    stages = _dockerfile_stages()
+    assert [stage[0].arguments.split()[0] for stage in stages] == ["${PYTHON_IMAGE}"] * 2
 
 
 def test_dockerfile_runtime_stage() -> None:
@@ -723,7 +753,9 @@ def test_definitions_queues_and_bindings() -> None:
     queues = _by_name("queues")
     for name in (UNROUTED, QUARANTINE, DEAD_LETTER):
         assert queues[name]["durable"] is True, name
-        assert queues[name]["arguments"].get("x-queue-type", "classic") == "classic", name
+    for name in (UNROUTED, QUARANTINE):
+        assert queues[name]["arguments"]["x-queue-type"] == "quorum", name
+    assert queues[DEAD_LETTER]["arguments"].get("x-queue-type", "classic") == "classic"
     example = queues[EXAMPLE_QUEUE]
     assert example["durable"] is True
     assert example["auto_delete"] is False
@@ -966,14 +998,15 @@ async def _exercise_bridge_user(url: str) -> None:
         connection = await aio_pika.connect(url)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            for name in (EXCHANGE, UNROUTED, QUARANTINE):
+            for name in (INGRESS, EXCHANGE, UNROUTED, QUARANTINE):
                 await channel.declare_exchange(name, passive=True)
-            topic = await channel.get_exchange(EXCHANGE, ensure=False)
+            # Where the bridge publishes with the archive on (as the ConfigMap sets it).
+            ingress = await channel.get_exchange(INGRESS, ensure=False)
             quarantine = await channel.get_exchange(QUARANTINE, ensure=False)
             message = aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            await topic.publish(message, routing_key="batch.completed", mandatory=True)
+            await ingress.publish(message, routing_key="batch.completed", mandatory=True)
             # No queue binds this key: the alternate exchange keeps it (no basic.return).
-            await topic.publish(message, routing_key="no.such.event", mandatory=True)
+            await ingress.publish(message, routing_key="no.such.event", mandatory=True)
             await quarantine.publish(message, routing_key="", mandatory=True)
 
             refused = await connection.channel()
@@ -1029,8 +1062,9 @@ def test_definitions_import_into_rabbitmq(imported_definitions: ImportedDefiniti
         row[0]: row[1:]
         for row in _rows("list_queues", "-p", vhost, "name", "type", "durable", "arguments")
     }
-    for name in (UNROUTED, QUARANTINE, DEAD_LETTER):
-        assert queues[name][:2] == ["classic", "true"], name
+    for name in (UNROUTED, QUARANTINE):
+        assert queues[name][:2] == ["quorum", "true"], name
+    assert queues[DEAD_LETTER][:2] == ["classic", "true"]
     assert queues[EXAMPLE_QUEUE][:2] == ["quorum", "true"]
     assert "reject-publish" in queues[EXAMPLE_QUEUE][2]
     assert DEAD_LETTER in queues[EXAMPLE_QUEUE][2]
@@ -1047,7 +1081,13 @@ def test_definitions_import_into_rabbitmq(imported_definitions: ImportedDefiniti
 
     def delivered() -> bool:
         counts = {row[0]: row[1] for row in _rows("list_queues", "-p", vhost, "name", "messages")}
-        return counts == {EXAMPLE_QUEUE: "1", UNROUTED: "1", QUARANTINE: "1", DEAD_LETTER: "0"}
+        return counts == {
+            EXAMPLE_QUEUE: "1",
+            UNROUTED: "1",
+            QUARANTINE: "1",
+            DEAD_LETTER: "0",
+            ARCHIVE: "3",  # the two through the ingress, and the quarantined one
+        }
 
     _wait_for(delivered, "one message each in the example, unrouted and quarantine queues")
 

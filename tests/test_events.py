@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 from pathlib import Path
@@ -11,6 +12,10 @@ from pydantic import ValidationError
 from bridge.events import (
     EVENT_MODELS,
     KNOWN_EVENT_TYPES,
+    AgentSessionActionRequiredWebhookEvent,
+    AgentSessionCreatedWebhookEvent,
+    LiveTransportConnectedWebhookEvent,
+    LiveTransportIncomingWebhookEvent,
     RealtimeCallIncomingWebhookEvent,
     UnknownWebhookEvent,
     classify,
@@ -19,8 +24,8 @@ from bridge.events import (
     webhook_event_adapter,
 )
 
-# OpenAI's webhook event reference (API reference, "Webhooks"), as text, kept in the repo so
-# that the tests see exactly the catalog the models were written against.
+# OpenAI's webhook event reference (API reference, "Webhooks") as it stood for the first
+# fifteen models, kept as text in the repo; the SDK's union holds the rest (test_events_sdk.py).
 EVENT_CATALOG = Path(__file__).parent / "data" / "openai-webhook-event-types.txt"
 CREATED_AT = 1750287018
 
@@ -35,23 +40,44 @@ def sdk_class_name(event_type: str) -> str:
     return "".join(word.capitalize() for word in words) + "WebhookEvent"
 
 
+SIP_HEADERS = [
+    {"name": "From", "value": "sip:+15551234567@example.com"},
+    {"name": "To", "value": "sip:+15557654321@example.com"},
+    {"name": "Call-ID", "value": "03782086-4ce9-44bf-8b0d-4e303d2cc590"},
+]
+AGENT_SESSION = {"id": "sess_abc123", "environment_type": "openai_hosted"}
+
+# The required fields of each event's data, as OpenAI documents them; "id" for all others.
+REQUIRED_DATA: dict[str, dict[str, Any]] = {
+    "realtime.call.incoming": {
+        "call_id": "rtc_479a275623b54bdb9b6fbae2f7cbd408",
+        "sip_headers": SIP_HEADERS,
+    },
+    "live.call.incoming": {"session_id": "live_abc123", "sip_headers": SIP_HEADERS},
+    "live.transport.incoming": {
+        "session_id": "live_abc123",
+        "sip_headers": SIP_HEADERS,
+        "type": "sip",
+    },
+    "live.transport.connected": {"session_id": "live_abc123", "type": "webrtc"},
+    "agent.session.created": AGENT_SESSION,
+    "agent.session.in_progress": AGENT_SESSION,
+    "agent.session.idle": AGENT_SESSION,
+    "agent.session.failed": AGENT_SESSION,
+    "agent.session.action_required": {
+        "id": "sess_abc123",
+        "required_action": {"type": "function_call"},
+    },
+}
+
+
 def seed_payload(event_type: str) -> dict[str, Any]:
-    data: dict[str, Any] = {"id": "obj_123"}
-    if event_type == "realtime.call.incoming":
-        data = {
-            "call_id": "rtc_479a275623b54bdb9b6fbae2f7cbd408",
-            "sip_headers": [
-                {"name": "From", "value": "sip:+15551234567@example.com"},
-                {"name": "To", "value": "sip:+15557654321@example.com"},
-                {"name": "Call-ID", "value": "03782086-4ce9-44bf-8b0d-4e303d2cc590"},
-            ],
-        }
     return {
         "object": "event",
         "id": "evt_685343a1381c819085d44c354e1b330e",
         "type": event_type,
         "created_at": CREATED_AT,
-        "data": data,
+        "data": copy.deepcopy(REQUIRED_DATA.get(event_type, {"id": "obj_123"})),
     }
 
 
@@ -66,14 +92,16 @@ def envelope(event_type: Any, **fields: Any) -> bytes:
     return json.dumps(event).encode()
 
 
-def test_known_event_types_are_the_seed_catalogue() -> None:
-    assert len(KNOWN_EVENT_TYPES) == 15
-    assert sorted(KNOWN_EVENT_TYPES) == seed_event_types()
+def test_known_event_types_include_the_seed_catalogue() -> None:
+    # The SDK's own union holds the full list: tests/test_events_sdk.py.
+    assert len(seed_event_types()) == 15
+    assert set(seed_event_types()) < KNOWN_EVENT_TYPES
+    assert len(KNOWN_EVENT_TYPES) == 31
     assert set(EVENT_MODELS) == KNOWN_EVENT_TYPES
 
 
-@pytest.mark.parametrize("event_type", seed_event_types())
-def test_seed_event_validates_to_its_model(event_type: str) -> None:
+@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES))
+def test_event_with_its_required_fields_validates_to_its_model(event_type: str) -> None:
     body = json.dumps(seed_payload(event_type)).encode()
 
     event = webhook_event_adapter.validate_json(body)
@@ -90,22 +118,106 @@ def test_seed_event_validates_to_its_model(event_type: str) -> None:
     assert classify(body).reason is None
 
 
-def test_object_field_is_optional() -> None:
-    event = parse_event(envelope("batch.completed"))
+@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES))
+def test_object_field_is_optional(event_type: str) -> None:
+    payload = seed_payload(event_type)
+    del payload["object"]
 
+    event = parse_event(json.dumps(payload).encode())
+
+    assert type(event) is EVENT_MODELS[event_type]
     assert event.object is None
+
+
+@pytest.mark.parametrize(
+    ("event_type", "data"),
+    [
+        ("realtime.call.incoming", {"sip_media_security": "srtp"}),
+        ("live.call.incoming", {"sip_media_security": "rtp"}),
+        ("live.transport.incoming", {"sip_media_security": "srtp"}),
+        ("agent.session.created", {"environment_id": "ccarenv_1", "connect": None}),
+        ("agent.session.idle", {"environment_id": None}),
+    ],
+)
+def test_optional_data_fields_are_accepted_present_or_null(
+    event_type: str, data: dict[str, Any]
+) -> None:
+    payload = seed_payload(event_type)
+    payload["data"].update(data)
+
+    event = webhook_event_adapter.validate_json(json.dumps(payload))
+
+    assert type(event) is EVENT_MODELS[event_type]
+    assert event.data.model_dump(include=set(data)) == data
+    assert event.data.model_extra == {}
+
+
+def test_agent_session_created_carries_the_self_hosted_connection() -> None:
+    payload = seed_payload("agent.session.created")
+    payload["data"].update(
+        environment_type="self_hosted",
+        environment_id="ccarenv_abc123",
+        connect={"remote_url": "https://api.openai.com/v1/agents/api"},
+    )
+
+    event = parse_event(json.dumps(payload).encode())
+
+    assert isinstance(event, AgentSessionCreatedWebhookEvent)
+    assert event.data.connect is not None
+    assert event.data.connect.remote_url == "https://api.openai.com/v1/agents/api"
+    assert event.data.environment_id == "ccarenv_abc123"
+
+
+@pytest.mark.parametrize(
+    ("event_type", "path", "value"),
+    [
+        ("agent.session.action_required", ("required_action", "type"), "payment_approval"),
+        ("live.transport.incoming", ("type",), "websocket"),
+        ("live.transport.connected", ("type",), "sip"),
+        ("realtime.call.incoming", ("sip_media_security",), "zrtp"),
+    ],
+)
+def test_enumerations_accept_values_openai_adds_later(
+    event_type: str, path: tuple[str, ...], value: str
+) -> None:
+    payload = seed_payload(event_type)
+    *parents, leaf = path
+    container = payload["data"]
+    for key in parents:
+        container = container[key]
+    container[leaf] = value
+
+    event = parse_event(json.dumps(payload).encode())
+
+    assert type(event) is EVENT_MODELS[event_type]
+    assert classify(json.dumps(payload).encode()).kind == "known"
+
+
+def test_typed_access_to_the_new_families() -> None:
+    connected = parse_event(json.dumps(seed_payload("live.transport.connected")).encode())
+    incoming = parse_event(json.dumps(seed_payload("live.transport.incoming")).encode())
+    action = parse_event(json.dumps(seed_payload("agent.session.action_required")).encode())
+
+    assert isinstance(connected, LiveTransportConnectedWebhookEvent)
+    assert (connected.data.session_id, connected.data.type) == ("live_abc123", "webrtc")
+    assert isinstance(incoming, LiveTransportIncomingWebhookEvent)
+    assert incoming.data.type == "sip"
+    assert incoming.data.sip_media_security is None
+    assert [header.name for header in incoming.data.sip_headers] == ["From", "To", "Call-ID"]
+    assert isinstance(action, AgentSessionActionRequiredWebhookEvent)
+    assert action.data.required_action.type == "function_call"
 
 
 def test_fields_added_by_openai_are_kept() -> None:
     payload = seed_payload("realtime.call.incoming")
-    payload["data"]["sip_media_security"] = "srtp"
+    payload["data"]["sip_trunk"] = "trunk_1"
     payload["data"]["sip_headers"][0]["index"] = 0
     payload["livemode"] = True
 
     event = parse_event(json.dumps(payload).encode())
 
     assert isinstance(event, RealtimeCallIncomingWebhookEvent)
-    assert event.data.model_extra == {"sip_media_security": "srtp"}
+    assert event.data.model_extra == {"sip_trunk": "trunk_1"}
     assert event.data.sip_headers[0].model_extra == {"index": 0}
     assert event.model_extra == {"livemode": True}
     assert event.data.call_id == "rtc_479a275623b54bdb9b6fbae2f7cbd408"
@@ -115,10 +227,10 @@ def test_fields_added_by_openai_are_kept() -> None:
 @pytest.mark.parametrize(
     "event_type",
     [
-        "agent.session.created",
-        "safety.alert.created",
-        "live.transport.incoming",
-        "safety.org_alert.created",
+        "video.completed",
+        "video.failed",
+        "safety_identifier.blocked",
+        "agent.session.archived",
         "batch.completed.v2",
         "a.b",
     ],
@@ -146,9 +258,7 @@ def test_unknown_event_type_may_reach_the_routing_key_limit() -> None:
 
 
 NESTED_BRACKETS = b"[" * 100_000
-NESTED_OBJECTS = b'{"type":"agent.session.created","id":"e","created_at":1,"data":' + (
-    b'{"a":' * 100_000
-)
+NESTED_OBJECTS = b'{"type":"video.completed","id":"e","created_at":1,"data":' + (b'{"a":' * 100_000)
 
 MALFORMED = [
     pytest.param(b"", "body is not valid JSON", id="empty"),
@@ -211,6 +321,39 @@ MALFORMED = [
         id="known-bad-sip-header",
     ),
     pytest.param(
+        envelope("agent.session.action_required", data={"id": "sess_1"}),
+        "agent.session.action_required failed schema validation: data.required_action: Field",
+        id="known-missing-required-action",
+    ),
+    pytest.param(
+        envelope("agent.session.idle", data={"id": "sess_1"}),
+        "agent.session.idle failed schema validation: data.environment_type: Field required",
+        id="known-missing-environment-type",
+    ),
+    pytest.param(
+        envelope(
+            "agent.session.created",
+            data={"id": "sess_1", "environment_type": "self_hosted", "connect": {}},
+        ),
+        "agent.session.created failed schema validation: data.connect.remote_url: Field required",
+        id="known-connect-without-url",
+    ),
+    pytest.param(
+        envelope("live.transport.incoming", data={"session_id": "live_1", "sip_headers": []}),
+        "live.transport.incoming failed schema validation: data.type: Field required",
+        id="known-missing-transport",
+    ),
+    pytest.param(
+        envelope("live.transport.connected", data={"id": "live_1", "type": "webrtc"}),
+        "live.transport.connected failed schema validation: data.session_id: Field required",
+        id="known-live-without-session-id",
+    ),
+    pytest.param(
+        envelope("safety.alert.created", data={"alert_id": "alert_1"}),
+        "safety.alert.created failed schema validation: data.id: Field required",
+        id="known-safety-without-id",
+    ),
+    pytest.param(
         envelope("batch.completed", object="list"),
         "batch.completed failed schema validation: object:",
         id="known-wrong-object",
@@ -226,28 +369,28 @@ MALFORMED = [
         id="known-infinite-timestamp",
     ),
     pytest.param(
-        envelope("agent.session.created", created_at="1750287018"),
-        "agent.session.created failed envelope validation: created_at:",
+        envelope("video.completed", created_at="1750287018"),
+        "video.completed failed envelope validation: created_at:",
         id="unknown-string-timestamp",
     ),
     pytest.param(
-        envelope("agent.session.created", created_at=1750287018.0),
-        "agent.session.created failed envelope validation: created_at:",
+        envelope("video.completed", created_at=1750287018.0),
+        "video.completed failed envelope validation: created_at:",
         id="unknown-float-timestamp",
     ),
     pytest.param(
-        envelope("agent.session.created", created_at=True),
-        "agent.session.created failed envelope validation: created_at:",
+        envelope("video.completed", created_at=True),
+        "video.completed failed envelope validation: created_at:",
         id="unknown-boolean-timestamp",
     ),
     pytest.param(
-        envelope("agent.session.created", id=""),
-        "agent.session.created failed envelope validation: id:",
+        envelope("video.completed", id=""),
+        "video.completed failed envelope validation: id:",
         id="unknown-empty-id",
     ),
     pytest.param(
-        envelope("agent.session.created", data=["x"]),
-        "agent.session.created failed envelope validation: data:",
+        envelope("video.completed", data=["x"]),
+        "video.completed failed envelope validation: data:",
         id="unknown-data-not-object",
     ),
 ]
@@ -280,9 +423,9 @@ def test_unusable_type_is_not_reported_as_event_type() -> None:
 
 
 def test_unreadable_timestamp_is_not_reported() -> None:
-    classified = classify(envelope("agent.session.created", created_at="soon"))
+    classified = classify(envelope("video.completed", created_at="soon"))
 
-    assert classified.event_type == "agent.session.created"
+    assert classified.event_type == "video.completed"
     assert classified.created_at is None
 
 
@@ -291,7 +434,7 @@ def test_reason_does_not_echo_body_values() -> None:
     bodies = [
         envelope(f"{secret}.x"),
         envelope("batch.completed", data={"id": [secret]}, object=secret),
-        envelope("agent.session.created", created_at=secret, id={"v": secret}),
+        envelope("video.completed", created_at=secret, id={"v": secret}),
         envelope("realtime.call.incoming", data={"call_id": 1, "sip_headers": secret}),
     ]
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,27 +30,11 @@ from tests.rabbitmq import (
     needs_rabbitmqctl,
     temporary_user,
 )
-from tests.sender import DeliveryReport, OpenAILikeSender
+from tests.sender import OpenAILikeSender, assert_nothing_lost
 
 pytestmark = [pytest.mark.broker, pytest.mark.disruptive, needs_rabbitmqctl]
 
 PUBLISH_TIMEOUT = 2.0
-
-
-@pytest.fixture
-async def make_sender() -> AsyncIterator[Callable[..., OpenAILikeSender]]:
-    """Senders that are always stopped, even when a test fails halfway."""
-    senders: list[OpenAILikeSender] = []
-
-    def make(url: str, signer: Signer, **options: Any) -> OpenAILikeSender:
-        sender = OpenAILikeSender(url, signer, **options)
-        senders.append(sender)
-        return sender
-
-    yield make
-    for sender in senders:
-        if sender._task is not None and not sender._task.done():
-            await sender.finish(abandon=True)
 
 
 @dataclass
@@ -90,12 +74,6 @@ async def queued_ids(broker: Broker, queue: str, bridge: BridgeProcess) -> list[
     for name in (queue, f"{bridge.exchange}.unrouted"):
         ids += [message.message_id or "" for message in await broker.drain(name)]
     return ids
-
-
-def assert_nothing_lost(report: DeliveryReport, in_queue: list[str]) -> None:
-    assert report.accepted, "the sender got no 2xx at all"
-    assert report.server_errors_other_than_503 == {}
-    assert report.accepted <= set(in_queue), "a 2xx'd event is missing from the queue"
 
 
 async def get_status(url: str) -> tuple[int, float, dict[str, str]]:

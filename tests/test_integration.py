@@ -81,12 +81,12 @@ async def test_known_event_reaches_a_bound_queue_with_exact_bytes_and_properties
 async def test_unknown_type_is_routed_by_type_and_flagged_not_validated(
     bridge: Client, broker: Broker, settings: Settings, signer: Signer
 ) -> None:
-    queue = await broker.bind_queue(settings.exchange, "agent.#")
-    body = b'{"id":"evt_9","created_at":1760000000,"type":"agent.session.created","data":{"x":1}}'
+    queue = await broker.bind_queue(settings.exchange, "video.#")
+    body = b'{"id":"evt_9","created_at":1760000000,"type":"video.completed","data":{"x":1}}'
     assert (await bridge.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))).status == 200
     message = await broker.get(queue)
     assert message.body == body
-    assert message.routing_key == "agent.session.created"
+    assert message.routing_key == "video.completed"
     assert message.headers[VALIDATED_HEADER] is False
 
 

@@ -6,18 +6,35 @@ import pytest
 from bridge.events import (
     EVENT_MODELS,
     KNOWN_EVENT_TYPES,
-    RealtimeCallIncomingWebhookEvent,
+    AgentSessionCreatedWebhookEvent,
+    SipInviteData,
     classify,
     parse_event,
+    webhook_event_adapter,
 )
 from bridge.samples import UnknownEventTypeError, new_webhook_id, sample_body, sample_event
 
-DATA_ID_SHAPES = {
-    "batch": r"batch_[0-9a-f]{32}",
-    "eval": r"evalrun_[0-9a-f]{32}",
-    "fine_tuning": r"ftjob-[A-Za-z0-9]{24}",
-    "response": r"resp_[0-9a-f]{48}",
+# What each event is about, by the dotted prefix of its type: the field and OpenAI's id format.
+SUBJECT_SHAPES = {
+    "agent.environment": ("id", r"ccarenv_[0-9a-f]{32}"),
+    "agent.session": ("id", r"sess_[0-9a-f]{32}"),
+    "batch": ("id", r"batch_[0-9a-f]{32}"),
+    "eval.run": ("id", r"evalrun_[0-9a-f]{32}"),
+    "fine_tuning.job": ("id", r"ftjob-[A-Za-z0-9]{24}"),
+    "live": ("session_id", r"live_[0-9a-f]{32}"),
+    "realtime.call": ("call_id", r"rtc_[0-9a-f]{32}"),
+    "response": ("id", r"resp_[0-9a-f]{48}"),
+    "safety.alert": ("id", r"alert_[0-9a-f]{32}"),
+    "safety.org_alert": ("id", r"alert_[0-9a-f]{32}"),
+    "safety.deactivation_issued": ("id", r"C-[0-9a-f]{12}"),
+    "safety.warning_issued": ("id", r"C-[0-9a-f]{12}"),
 }
+SIP_CALL_TYPES = ["live.call.incoming", "live.transport.incoming", "realtime.call.incoming"]
+
+
+def subject_shape(event_type: str) -> tuple[str, str]:
+    (prefix,) = [prefix for prefix in SUBJECT_SHAPES if f"{event_type}.".startswith(f"{prefix}.")]
+    return SUBJECT_SHAPES[prefix]
 
 
 def fixed_clock() -> float:
@@ -38,24 +55,43 @@ def test_sample_is_a_valid_event_of_its_type(event_type: str) -> None:
     assert re.fullmatch(r"evt_[0-9a-f]{32}", event.id)
 
 
-@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES - {"realtime.call.incoming"}))
-def test_sample_data_id_is_shaped_like_openai_ids(event_type: str) -> None:
-    family = event_type.partition(".")[0]
+@pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES))
+def test_sample_subject_id_is_shaped_like_openai_ids(event_type: str) -> None:
+    field, shape = subject_shape(event_type)
 
-    data_id = sample_event(event_type)["data"]["id"]
+    subject_id = sample_event(event_type)["data"][field]
 
-    assert re.fullmatch(DATA_ID_SHAPES[family], data_id)
+    assert re.fullmatch(shape, subject_id)
 
 
-def test_incoming_call_sample_carries_sip_invite_headers() -> None:
-    event = parse_event(sample_body("realtime.call.incoming"))
+@pytest.mark.parametrize("event_type", SIP_CALL_TYPES)
+def test_incoming_call_sample_carries_sip_invite_headers(event_type: str) -> None:
+    event = webhook_event_adapter.validate_json(sample_body(event_type))
 
-    assert isinstance(event, RealtimeCallIncomingWebhookEvent)
-    assert re.fullmatch(r"rtc_[0-9a-f]{32}", event.data.call_id)
+    assert isinstance(event.data, SipInviteData)
+    assert event.data.sip_media_security == "srtp"
     headers = {header.name: header.value for header in event.data.sip_headers}
     assert {"From", "To", "Call-ID", "Via", "Contact"} <= headers.keys()
     assert re.search(r"<sip:\+1555\d{7}@example\.com>", headers["From"])
     assert re.search(r"<sip:\+1555\d{7}@sip\.example\.com>", headers["To"])
+
+
+def test_sip_call_types_are_every_type_with_sip_headers() -> None:
+    with_sip_headers = [
+        t for t in sorted(KNOWN_EVENT_TYPES) if "sip_headers" in sample_event(t)["data"]
+    ]
+
+    assert with_sip_headers == SIP_CALL_TYPES
+
+
+def test_agent_session_created_sample_is_a_self_hosted_session() -> None:
+    event = parse_event(sample_body("agent.session.created"))
+
+    assert isinstance(event, AgentSessionCreatedWebhookEvent)
+    assert event.data.environment_type == "self_hosted"
+    assert event.data.environment_id is not None
+    assert event.data.connect is not None
+    assert event.data.connect.remote_url.startswith("https://")
 
 
 @pytest.mark.parametrize("event_type", sorted(KNOWN_EVENT_TYPES))
@@ -141,14 +177,14 @@ def test_override_path_that_cannot_be_set_is_rejected(path: str) -> None:
 
 def test_unknown_event_type_lists_the_known_types() -> None:
     with pytest.raises(UnknownEventTypeError) as raised:
-        sample_event("agent.session.created")
+        sample_event("video.completed")
 
     message = str(raised.value)
-    assert "'agent.session.created'" in message
+    assert "'video.completed'" in message
     listed = message.split("known types: ", 1)[1].split(", ")
     assert listed == sorted(KNOWN_EVENT_TYPES)
     assert isinstance(raised.value, ValueError)
-    with pytest.raises(UnknownEventTypeError, match=r"known types: batch\.cancelled, "):
+    with pytest.raises(UnknownEventTypeError, match=r"known types: agent\.environment\.expired, "):
         sample_body("nope")
 
 

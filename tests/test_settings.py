@@ -91,3 +91,36 @@ def test_amqps_gets_a_tls_context_with_the_configured_ca(
         load_settings().amqp_ssl_context()
     monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://bridge:pw@rabbit/")
     assert load_settings().amqp_ssl_context() is None
+
+
+def test_a_cluster_is_a_comma_separated_list_of_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BRIDGE_WEBHOOK_SECRET", new_secret())
+    monkeypatch.setenv(
+        "BRIDGE_AMQP_URL",
+        "amqp://bridge:pw-one@rabbit-0:5672/, amqps://bridge:pw-two@rabbit-1/,amqp://rabbit-2/",
+    )
+    settings = load_settings()
+    assert [url.host for url in settings.amqp_urls] == ["rabbit-0", "rabbit-1", "rabbit-2"]
+    assert settings.amqp_url_redacted == (
+        "amqp://bridge:***@rabbit-0:5672/,amqps://bridge:***@rabbit-1/,amqp://rabbit-2/"
+    )
+    assert settings.amqp_ssl_context(settings.amqp_urls[0]) is None
+    assert settings.amqp_ssl_context(settings.amqp_urls[1]) is not None
+    assert (settings.amqp_heartbeat, settings.queue_type) == (10, "quorum")
+
+
+def test_every_url_of_the_list_is_checked_and_none_echoed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BRIDGE_WEBHOOK_SECRET", new_secret())
+    monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://a:pw@rabbit-0/,http://b:hunter2@rabbit-1/")
+    monkeypatch.setenv("BRIDGE_QUEUE_TYPE", "stream")
+    monkeypatch.setenv("BRIDGE_AMQP_HEARTBEAT", "0")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "BRIDGE_AMQP_URL URL #2 must be an amqp://" in message
+    assert "BRIDGE_QUEUE_TYPE" in message
+    assert "BRIDGE_AMQP_HEARTBEAT" in message
+    assert "hunter2" not in message
+    assert "pw" not in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -322,3 +323,82 @@ async def test_consume_with_a_named_queue_keeps_events_between_runs(
     )
     assert status == 0, stderr
     assert json.loads(stdout)["id"] == sent["event_id"]
+
+
+def read_terminal(controller: int) -> str:
+    """Everything written to a pseudo-terminal, until every process has closed its end."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: no writer is left
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def subject_of(body: bytes) -> str:
+    data = json.loads(body)["data"]
+    return str(data.get("call_id") or data.get("session_id") or data["id"])
+
+
+@pytest.mark.broker
+async def test_consume_on_a_terminal_summarises_what_each_event_is_about(
+    start_bridge: Callable[..., BridgeProcess],
+    broker: Broker,
+    signer: Signer,
+    tmp_path: Path,
+    consumers: list[Consumer],
+) -> None:
+    bridge = start_bridge()
+    await bridge.wait_ready()
+    published = await broker.bind_queue(bridge.exchange, "#")
+    controller, terminal = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "consume",
+        "#",
+        "--count",
+        str(len(ALL_TYPES)),
+        env=cli_environment(tmp_path, BRIDGE_AMQP_URL=AMQP_URL, BRIDGE_EXCHANGE=bridge.exchange),
+        stdout=terminal,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    os.close(terminal)
+    consumer = Consumer(process)
+    consumers.append(consumer)
+    printed = asyncio.create_task(asyncio.to_thread(read_terminal, controller))
+    try:
+        await consumer.wait_until_bound()
+        status, _, stderr = await run_cli(
+            cli_environment(tmp_path, BRIDGE_WEBHOOK_SECRET=signer.secret),
+            "trigger",
+            "--all",
+            "--url",
+            bridge.url,
+        )
+        assert status == 0, stderr
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0
+            lines = (await printed).splitlines()
+    finally:
+        os.close(controller)
+
+    summaries = [line.split()[1:] for line in lines]
+    expected = [
+        [
+            message.routing_key,
+            json.loads(message.body)["id"],
+            subject_of(message.body),
+            message.message_id,
+        ]
+        for message in await broker.drain(published)
+    ]
+    assert sorted(summaries) == sorted(expected)
+    assert len(summaries) == len(ALL_TYPES)
+    # The routing key column is wide enough for the longest type: event ids line up.
+    assert len({line.index(" evt_") for line in lines}) == 1

@@ -1,0 +1,64 @@
+"""A Redis idempotency store for :class:`bridge.consumer.EventConsumer`, shared by replicas.
+
+Several replicas of one consuming service read one queue; when the same ``message_id``
+reaches two of them, the first claims it and handles it, the other sees the claim and
+hands its copy back to the queue until the first is done (then skips it) or released it
+(then handles it). A replica that dies while handling leaves a claim that expires after
+``claim_ttl_seconds``, after which a redelivered copy is handled.
+
+Needs the ``redis`` extra (``pip install 'openai-webhook-bridge[redis]'``).
+"""
+
+from __future__ import annotations
+
+from bridge.dedup.redis_store import PipelinedCommands, RedisClaims, connect
+from bridge.dedup.store import Claim, ClaimState
+
+
+class RedisIdempotencyStore:
+    """Claims, done marks and releases under ``webhook-consumer:<namespace>:<message_id>``.
+
+    ``namespace`` names the consuming service (its queue name, say): services that each
+    must handle every event need different namespaces; replicas of one service share one.
+    ``claim_ttl_seconds`` must exceed the longest a handler runs; ``ttl_seconds`` is how
+    long a handled id is remembered (OpenAI retries for up to 72 hours).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str,
+        ttl_seconds: float = 73 * 3600,
+        claim_ttl_seconds: float = 300.0,
+        timeout: float = 1.0,
+    ) -> None:
+        if not namespace:
+            raise ValueError("namespace must name the consuming service, e.g. its queue")
+        if ttl_seconds <= 0 or claim_ttl_seconds <= 0 or timeout <= 0:
+            raise ValueError("ttl_seconds, claim_ttl_seconds and timeout must be positive")
+        self._claims = RedisClaims(
+            PipelinedCommands(connect(url, timeout=timeout), timeout=timeout),
+            prefix=f"webhook-consumer:{namespace}:",
+        )
+        self._ttl_ms = round(ttl_seconds * 1000)
+        self._claim_ttl_ms = round(claim_ttl_seconds * 1000)
+        self._ours: dict[str, Claim] = {}
+
+    async def claim(self, message_id: str) -> ClaimState:
+        claim = await self._claims.claim(message_id, self._claim_ttl_ms)
+        if claim.state is ClaimState.NEW:
+            self._ours[message_id] = claim
+        return claim.state
+
+    async def done(self, message_id: str) -> None:
+        self._ours.pop(message_id, None)
+        await self._claims.confirm(message_id, self._ttl_ms)
+
+    async def release(self, message_id: str) -> None:
+        claim = self._ours.pop(message_id, None)
+        if claim is not None:
+            await self._claims.release(claim)
+
+    async def close(self) -> None:
+        await self._claims.commands.close()

@@ -1,0 +1,292 @@
+"""The webhook secrets file: where the secrets come from, reloading it, writing it.
+
+``BRIDGE_WEBHOOK_SECRET`` read from a file in ``BRIDGE_SECRETS_DIR`` can change while the
+bridge runs: the file is polled and re-read on SIGHUP, and a new list that decodes takes
+effect for the next request. A list that does not decode is refused and the last good one
+stays in force. A secret given in the environment or as a flag is fixed for the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge.signature import InvalidSecretError, SignatureVerifier, decode_secret_list
+
+logger = logging.getLogger(__name__)
+
+SECRET_FILE_NAME = "BRIDGE_WEBHOOK_SECRET"  # noqa: S105  # a file name, not a secret
+FILE_READ_TIMEOUT = 5.0
+MAX_SECRET_FILE_BYTES = 64 * 1024
+SETTLE_SECONDS = 0.1
+SETTLE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class SecretSource:
+    """Where the webhook secrets of this process were read from."""
+
+    description: str
+    path: Path | None = None  # set only when the secrets come from a file that can change
+
+    @property
+    def reloadable(self) -> bool:
+        return self.path is not None
+
+
+def locate_secret_source(
+    secrets_dir: Path, environment: Mapping[str, str], *, given_as_flag: bool
+) -> SecretSource:
+    """Mirror the settings' precedence: flag, then environment, then the secrets file."""
+    if given_as_flag:
+        return SecretSource("the --webhook-secret flag")
+    if any(name.upper() == SECRET_FILE_NAME for name in environment):
+        return SecretSource(f"the {SECRET_FILE_NAME} environment variable")
+    path = find_secret_file(secrets_dir)
+    if path is None:
+        return SecretSource("nowhere")
+    return SecretSource(f"the file {path}", path)
+
+
+def find_secret_file(secrets_dir: Path) -> Path | None:
+    """The secrets file in ``secrets_dir``, its name matched without case like the settings."""
+    with contextlib.suppress(OSError):
+        for entry in secrets_dir.iterdir():
+            if entry.name.lower() == SECRET_FILE_NAME.lower() and entry.is_file():
+                return entry
+    return None
+
+
+class SecretReloadError(Exception):
+    """The secrets file cannot be used; the reason names no secret."""
+
+
+def read_secret_file(path: Path) -> tuple[bytes, ...]:
+    """Read and decode the comma-separated secrets in ``path``."""
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise SecretReloadError(f"cannot read it: {reason}") from None
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise SecretReloadError(f"it is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SecretReloadError("it is not UTF-8 text") from None
+    try:
+        return decode_secret_list(text)
+    except InvalidSecretError as error:
+        raise SecretReloadError(str(error)) from None
+
+
+class SecretReloader:
+    """Re-reads the secrets file and hands each new usable list to ``apply``.
+
+    ``current`` is the verifier in force; ``apply`` swaps it (one attribute assignment, so
+    the request path pays nothing for reloading). ``counted`` sees ``applied`` or
+    ``refused`` once per change of the file's content, or per SIGHUP.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        current: Callable[[], SignatureVerifier],
+        apply: Callable[[SignatureVerifier], None],
+        counted: Callable[[str], None],
+        initial_keys: Sequence[bytes],
+    ) -> None:
+        self.path = path
+        self._current = current
+        self._apply = apply
+        self._counted = counted
+        self._keys = tuple(initial_keys)
+        self._last_refusal: str | None = None
+        self._checking = asyncio.Lock()
+        self._requested: set[asyncio.Task[None]] = set()
+
+    async def check(self, *, requested: bool = False) -> None:
+        """Read the file once; ``requested`` (SIGHUP) reports even an unchanged refusal."""
+        async with self._checking:
+            keys = await self._read_settled()
+            if isinstance(keys, str):
+                self._refuse(keys, requested=requested)
+                return
+            self._last_refusal = None
+            if keys == self._keys:
+                if requested:
+                    logger.info("webhook secrets in %s unchanged", self.path)
+                return
+            previous = len(self._keys)
+            self._apply(self._current().with_keys(keys))
+            self._keys = keys
+            self._counted("applied")
+            logger.info(
+                "webhook secrets reloaded from %s: %d in force (was %d)",
+                self.path,
+                len(keys),
+                previous,
+            )
+
+    async def _read(self) -> tuple[bytes, ...] | str:
+        """The secrets in the file, or why they cannot be used."""
+        try:
+            async with asyncio.timeout(FILE_READ_TIMEOUT):
+                return await asyncio.to_thread(read_secret_file, self.path)
+        except TimeoutError:
+            return f"reading it took over {FILE_READ_TIMEOUT:g} s"
+        except SecretReloadError as error:
+            return str(error)
+
+    async def _read_settled(self) -> tuple[bytes, ...] | str:
+        """A file rewritten in place can be read half-written (an editor truncates, then
+        writes): a change counts once two reads a moment apart agree on it."""
+        found = await self._read()
+        for _ in range(SETTLE_ATTEMPTS):
+            if found in (self._keys, self._last_refusal):
+                return found
+            await asyncio.sleep(SETTLE_SECONDS)
+            again = await self._read()
+            if again == found:
+                return found
+            found = again
+        return found
+
+    def _refuse(self, reason: str, *, requested: bool) -> None:
+        if reason == self._last_refusal and not requested:
+            return
+        self._last_refusal = reason
+        self._counted("refused")
+        logger.error(
+            "refused the webhook secrets in %s: %s; the %d secret%s in force stay%s",
+            self.path,
+            reason,
+            len(self._keys),
+            "" if len(self._keys) == 1 else "s",
+            "s" if len(self._keys) == 1 else "",
+        )
+
+    def request(self) -> None:
+        """Schedule a check from a signal handler."""
+        task = asyncio.get_running_loop().create_task(self.check(requested=True))
+        self._requested.add(task)
+        task.add_done_callback(self._requested.discard)
+
+    async def watch(self, interval: float) -> AsyncIterator[None]:
+        """Poll every ``interval`` seconds while the caller runs (0: only on request)."""
+
+        async def poll() -> None:
+            while True:
+                try:
+                    await self.check()
+                except Exception:  # one failed check must not end the watch
+                    logger.exception("checking the webhook secrets in %s failed", self.path)
+                await asyncio.sleep(interval)
+
+        # The first check also covers a change made before the signal handler was installed.
+        poller = asyncio.create_task(poll() if interval > 0 else self.check())
+        try:
+            yield
+        finally:
+            for task in (poller, *self._requested):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+def write_secret_file(path: Path, secrets: Sequence[str]) -> None:
+    """Replace ``path`` atomically with ``secrets``, comma-separated, readable by the owner only.
+
+    The new content is written to a temporary file in the same directory, flushed to disk
+    and renamed over ``path``, so a reader sees the old list or the new one, never a part.
+    """
+    directory = path.parent
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            os.fchmod(file.fileno(), 0o600)
+            file.write(",".join(secrets) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory_descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_descriptor)
+    finally:
+        os.close(directory_descriptor)
+
+
+def read_current_secrets(path: Path) -> list[str]:
+    """The usable secrets now in ``path`` (none if it does not exist), to keep after a new one.
+
+    Raises :class:`SecretReloadError` if the file exists but does not decode: writing it
+    back after a new secret would make the whole list unusable.
+    """
+    if not path.exists():
+        return []
+    read_secret_file(path)
+    text = path.read_text(encoding="utf-8").strip()
+    return [secret.strip() for secret in text.split(",")]
+
+
+class SecretDestinationError(Exception):
+    """A new signing secret cannot be written where it should go."""
+
+
+class SecretNotWritten(SecretDestinationError):
+    """OpenAI issued a secret that could not be written: it is lost, and must be reissued."""
+
+
+@dataclass(frozen=True, slots=True)
+class SecretDestination:
+    """The file a new signing secret goes to: ``--secret-file``, or the secrets directory's."""
+
+    path: Path
+
+    @classmethod
+    def choose(cls, secret_file: Path | None, secrets_dir: str | None) -> SecretDestination:
+        if secret_file is not None:
+            return cls(secret_file)
+        if not secrets_dir:
+            raise SecretDestinationError(
+                "OpenAI shows a signing secret only once, so it must be written to a file: "
+                f"set BRIDGE_SECRETS_DIR (writes its {SECRET_FILE_NAME} file) or give "
+                "--secret-file PATH"
+            )
+        directory = Path(secrets_dir)
+        return cls(find_secret_file(directory) or directory / SECRET_FILE_NAME)
+
+    def secrets_to_keep(self, *, keep_old: bool) -> list[str]:
+        """Check the file can be written, before OpenAI makes a secret that would be lost;
+        the secrets now in it that should stay after the new one."""
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise SecretDestinationError(f"{directory} is not a directory")
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise SecretDestinationError(f"cannot write to {directory}")
+        if not keep_old:
+            return []
+        try:
+            return read_current_secrets(self.path)
+        except SecretReloadError as error:
+            raise SecretDestinationError(
+                f"the secrets now in {self.path} cannot be kept: {error}"
+            ) from None
+
+    def install(self, new_secret: str, kept: Sequence[str]) -> int:
+        """Write the new secret first and ``kept`` after it; the number of secrets written."""
+        secrets = [new_secret, *(secret for secret in kept if secret != new_secret)]
+        write_secret_file(self.path, secrets)
+        return len(secrets)

@@ -1,0 +1,120 @@
+"""Several broker addresses: the order nodes are tried in, and start-up against a list."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+import aio_pika
+import pytest
+from yarl import URL
+
+from bridge.consumer import connect_to_a_node
+from bridge.publisher import AmqpPublisher, BrokerNodes, _within, node_address
+from bridge.settings import Settings
+from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, make_settings, unique_name
+
+NODES = [URL(f"amqp://bridge:pw@rabbit-{index}:5672/") for index in range(3)]
+
+
+def test_each_process_shuffles_the_nodes_once() -> None:
+    orders = {tuple(BrokerNodes(NODES, random.Random(seed)).round()) for seed in range(40)}
+    assert len(orders) > 1, "processes spread over the nodes"
+    for order in orders:
+        assert sorted(order, key=str) == NODES
+
+
+def test_after_losing_a_node_the_next_round_tries_it_last() -> None:
+    nodes = BrokerNodes(NODES, random.Random(7))
+    first, second, third = nodes.round()
+    assert nodes.connected_to(first) is False
+    nodes.lost_current()
+    assert nodes.round() == [second, third, first]
+    assert nodes.connected_to(third) is True, "a connection after the first is a reconnect"
+    nodes.lost_current()
+    assert nodes.round() == [first, second, third]
+    assert nodes.current == node_address(third)
+
+
+def test_a_node_is_named_by_host_and_port_only() -> None:
+    assert node_address(URL("amqp://user:secret@rabbit-0/vhost")) == "rabbit-0:5672"
+    assert node_address(URL("amqps://user:secret@rabbit-1:5999/")) == "rabbit-1:5999"
+    assert node_address(URL("amqps://rabbit-2/")) == "rabbit-2:5671"
+
+
+@pytest.mark.broker
+async def test_a_dead_node_in_the_list_is_skipped(
+    signer: Signer, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = "amqp://guest:dead-node-password@127.0.0.1:1/"
+    settings: Settings = make_settings(signer, amqp_url=f"{dead},{AMQP_URL}")
+    broker.forget_topology(AmqpPublisher(settings).topology)
+    connections: list[tuple[str, bool]] = []
+    for seed in range(2):  # once with each node first
+        publisher = AmqpPublisher(
+            settings,
+            on_connect=lambda node, reconnect: connections.append((node, reconnect)),
+            rng=random.Random(seed),
+        )
+        await publisher.start()
+        try:
+            async with asyncio.timeout(20):
+                while not publisher.ready:
+                    await asyncio.sleep(0.05)
+            assert publisher.node == "127.0.0.1:5672"
+        finally:
+            await publisher.close()
+    assert connections == [("127.0.0.1:5672", False)] * 2
+    assert "dead-node-password" not in caplog.text
+
+
+@pytest.mark.broker
+async def test_an_owned_queue_of_the_other_type_stops_serve(
+    broker: Broker, start_bridge: Callable[..., BridgeProcess]
+) -> None:
+    exchange = unique_name("test.webhooks")
+    classic = await broker.channel.declare_queue(f"{exchange}.quarantine", durable=True)
+    broker.created_queues.append(classic.name)
+    bridge = start_bridge(exchange)
+    assert await asyncio.to_thread(bridge.process.wait, 30) == 2
+    log = bridge.log_path.read_text()
+    assert f"queue '{exchange}.quarantine' exists as a classic queue" in log
+    assert "but BRIDGE_QUEUE_TYPE is quorum" in log
+    assert log.count("cannot start") == 1
+
+
+@pytest.mark.broker
+async def test_classic_keeps_classic_queues(
+    broker: Broker, start_bridge: Callable[..., BridgeProcess], signer: Signer
+) -> None:
+    bridge = start_bridge(BRIDGE_QUEUE_TYPE="classic")
+    await bridge.wait_ready()
+    for name in (f"{bridge.exchange}.unrouted", f"{bridge.exchange}.quarantine"):
+        # Declaring with the same type succeeds only if the queue has that type.
+        await broker.channel.declare_queue(
+            name, durable=True, arguments={"x-queue-type": "classic"}
+        )
+    assert bridge.stop() == 0
+
+
+async def test_a_call_cancelled_under_the_caller_is_a_connection_error() -> None:
+    async def cancelled_by_the_library() -> None:
+        raise asyncio.CancelledError
+
+    with pytest.raises(ConnectionError):
+        await _within(1.0, cancelled_by_the_library())
+    with pytest.raises(TimeoutError):
+        await _within(0.01, asyncio.sleep(10))
+
+
+@pytest.mark.broker
+async def test_consumers_take_the_first_node_of_the_list_that_answers() -> None:
+    dead = "amqp://guest:guest@127.0.0.1:1/"
+    connection = await connect_to_a_node(
+        f"{dead}, {AMQP_URL}", aio_pika.connect, attempt_seconds=5
+    )
+    async with connection:
+        assert connection.url.port == 5672
+    with pytest.raises(ConnectionError):
+        await connect_to_a_node(dead, aio_pika.connect, attempt_seconds=5)

@@ -1,0 +1,319 @@
+"""A real Prometheus on loopback scraping a real ``webhook-bridge serve``.
+
+Webhooks of several outcomes go to the bridge; Prometheus's HTTP API must then return,
+for the queries the alert rules and the dashboard use, exactly what happened. The
+metric names those queries read must all be offered by the live ``/metrics`` (or, for
+the replay counters, by what ``replay --pushgateway`` pushes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bridge.events import KNOWN_EVENT_TYPES
+from bridge.replay.pushgateway import push_summary
+from bridge.replay.run import ReplaySummary
+from bridge.samples import sample_body
+from tests.conftest import BridgeProcess, Broker, Signer, free_port, post_webhook
+from tests.monitoring import (
+    dashboard_queries,
+    dashboard_recording_rules,
+    exposed_series_names,
+    queried_metric_names,
+    rule_groups,
+    write_yaml,
+)
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus is not installed"),
+]
+
+JOB = "webhook-bridge"
+TARGET_LABELS = {
+    "namespace": "test",
+    "pod": "webhook-bridge-0",
+    "app_kubernetes_io_name": "webhook-bridge",
+}
+EVENT_TYPES = ("batch.completed", "response.completed", "fine_tuning.job.succeeded")
+# The dashboard's only panel fed by another process: `replay --pushgateway`.
+PUSHED_ONLY_PANELS = {"Replay runs (last push per source)"}
+
+
+@dataclass
+class Prometheus:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.url}/api/v1/query", params={"query": expr}) as response,
+        ):
+            answer = await response.json()
+        assert answer["status"] == "success", f"{expr}: {answer}"
+        result: list[dict[str, Any]] = answer["data"]["result"]
+        return result
+
+    async def by_label(self, expr: str, label: str) -> dict[str, float]:
+        return {
+            sample["metric"].get(label, ""): float(sample["value"][1])
+            for sample in await self.query(expr)
+        }
+
+    async def api(self, path: str) -> Any:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{self.url}/api/v1/{path}") as response,
+        ):
+            answer = await response.json()
+        assert answer["status"] == "success", answer
+        return answer["data"]
+
+    async def wait_for(
+        self, expr: str, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 30
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, "prometheus exited"
+            with contextlib.suppress(aiohttp.ClientError):
+                result = await self.query(expr)
+                if done(result):
+                    return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"Prometheus never answered as expected for {expr}")
+            await asyncio.sleep(0.25)
+
+
+@contextlib.contextmanager
+def _prometheus(tmp_path: Path, bridge_port: int) -> Iterator[Prometheus]:
+    rules = write_yaml(tmp_path / "alerts.yaml", rule_groups())
+    dashboard_rules = write_yaml(tmp_path / "dashboard.yaml", dashboard_recording_rules())
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+        "rule_files": [str(rules), str(dashboard_rules)],
+        "scrape_configs": [
+            {
+                "job_name": JOB,
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{bridge_port}"], "labels": TARGET_LABELS}
+                ],
+            }
+        ],
+    }
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={write_yaml(tmp_path / 'prometheus.yml', config)}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1h",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    try:
+        yield Prometheus(process, f"http://127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.asynccontextmanager
+async def _pushgateway_recorder() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A loopback stand-in that keeps what a Pushgateway client PUTs."""
+    bodies: list[bytes] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/metrics/{path:.*}", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}", bodies
+    finally:
+        await runner.cleanup()
+
+
+async def _replay_series_names() -> set[str]:
+    summary = ReplaySummary(source="q", queue="q", unrouted_queue="q.unrouted", dry_run=True)
+    async with _pushgateway_recorder() as (url, bodies):
+        await asyncio.to_thread(push_summary, url, summary, timeout=10)
+    (body,) = bodies
+    return exposed_series_names(body.decode())
+
+
+async def _send_every_outcome(bridge: BridgeProcess, signer: Signer) -> list[str]:
+    """3 published (one per type), 1 duplicate, 2 unauthorized, 1 bad request, 1 quarantined."""
+    published_ids = []
+    for event_type in EVENT_TYPES:
+        body = sample_body(event_type)
+        headers = signer.headers(body)
+        assert await post_webhook(bridge.url, body, headers) == 200
+        published_ids.append(headers["webhook-id"])
+        if event_type == EVENT_TYPES[0]:
+            assert await post_webhook(bridge.url, body, headers) == 200  # the duplicate
+    for _ in range(2):
+        body = sample_body("batch.failed")
+        assert await post_webhook(bridge.url, body, Signer().headers(body)) == 401
+    assert await post_webhook(bridge.url, b"{}", {"content-type": "application/json"}) == 400
+    assert await bridge.post_signed(signer, b"not json") == 200
+    return published_ids
+
+
+async def test_prometheus_sees_what_the_bridge_did(
+    start_bridge: Callable[..., BridgeProcess], broker: Broker, signer: Signer, tmp_path: Path
+) -> None:
+    bridge = start_bridge()
+    await bridge.wait_ready()
+    queue = await broker.bind_queue(bridge.exchange, "#")
+    with _prometheus(tmp_path, bridge.port) as prometheus:
+        # Counters must be seen at zero first, or rate() and increase() miss the first events.
+        await prometheus.wait_for(
+            f'webhook_bridge_requests_total{{job="{JOB}", outcome="published"}}',
+            lambda result: len(result) == 1,
+        )
+        published_ids = await _send_every_outcome(bridge, signer)
+
+        outcomes_expr = f'sum by (outcome) (webhook_bridge_requests_total{{job="{JOB}"}})'
+        await prometheus.wait_for(
+            outcomes_expr,
+            lambda result: (
+                {s["metric"]["outcome"]: s["value"][1] for s in result}.get("quarantined") == "1"
+            ),
+        )
+        assert await prometheus.by_label(outcomes_expr, "outcome") == {
+            "published": 3,
+            "duplicate": 1,
+            "unauthorized": 2,
+            "bad_request": 1,
+            "quarantined": 1,
+            "unrouted": 0,
+            "too_large": 0,
+            "unavailable": 0,
+        }
+        buckets = await prometheus.by_label(
+            f'sum by (le) (webhook_bridge_publish_seconds_bucket{{job="{JOB}"}})', "le"
+        )
+        assert buckets["+Inf"] == 4, "three published and one quarantined were confirmed"
+        assert buckets["5.0"] == 4, "every confirm came within the publish timeout"
+        cumulative = [buckets[le] for le in sorted(buckets, key=float)]
+        assert cumulative == sorted(cumulative)
+        by_type = await prometheus.by_label(
+            f'sum by (event_type) (webhook_bridge_published_total{{job="{JOB}"}})', "event_type"
+        )
+        assert {event_type: n for event_type, n in by_type.items() if n} == dict.fromkeys(
+            EVENT_TYPES, 1
+        )
+        assert set(by_type) == KNOWN_EVENT_TYPES, "every known type is exported from zero"
+        assert await prometheus.by_label(
+            f'sum by (secret_index) (webhook_bridge_secret_matches_total{{job="{JOB}"}})',
+            "secret_index",
+        ) == {"0": 5}
+        dedup = await prometheus.by_label(
+            f'sum by (result) (webhook_bridge_dedup_results_total{{job="{JOB}"}})', "result"
+        )
+        assert dedup["duplicate"] == 1
+        assert dedup["new"] == 4
+        assert await prometheus.by_label(
+            f'webhook_bridge_broker_node_info{{job="{JOB}"}} == 1', "node"
+        ) == {"127.0.0.1:5672": 1}
+
+        await _check_dashboard_queries(prometheus)
+        await _check_rules_and_alerts(prometheus)
+
+    messages = await broker.drain(queue)
+    assert sorted(message.message_id or "" for message in messages) == sorted(published_ids)
+    quarantined = await broker.drain(f"{bridge.exchange}.quarantine")
+    assert [message.body for message in quarantined] == [b"not json"]
+
+
+async def _check_dashboard_queries(prometheus: Prometheus) -> None:
+    results: dict[str, list[list[dict[str, Any]]]] = {}
+    for title, expr in dashboard_queries(rate_interval="1m"):
+        results.setdefault(title, []).append(await prometheus.query(expr))
+    empty = {title for title, answers in results.items() if not any(answers)}
+    assert empty <= PUSHED_ONLY_PANELS, f"panels without data from a live bridge: {empty}"
+
+    def values(title: str, label: str) -> dict[str, float]:
+        (answer,) = results[title]
+        return {sample["metric"].get(label, ""): float(sample["value"][1]) for sample in answer}
+
+    by_outcome = values("Requests by outcome", "outcome")
+    happened = {outcome for outcome, rate in by_outcome.items() if rate > 0}
+    assert happened == {"published", "duplicate", "unauthorized", "bad_request", "quarantined"}
+    for answer in results["Publish latency (request to broker confirm)"]:
+        (sample,) = answer
+        latency = float(sample["value"][1])
+        assert math.isfinite(latency)
+        assert 0 < latency <= 5
+    by_type = values("Events published by type", "event_type")
+    assert {event_type for event_type, rate in by_type.items() if rate > 0} == set(EVENT_TYPES)
+    assert values("Broker connection", "pod") == {TARGET_LABELS["pod"]: 1}
+    assert values("In flight", "pod") == {TARGET_LABELS["pod"]: 0}
+    assert set(values("Deduplication results", "result")) >= {"new", "duplicate"}
+
+
+async def _check_rules_and_alerts(prometheus: Prometheus) -> None:
+    """Every rule evaluates without error; the quarantine alert fires; nothing critical does."""
+    deadline = time.monotonic() + 30
+    while True:
+        alerts = (await prometheus.api("alerts"))["alerts"]
+        firing = {alert["labels"]["alertname"] for alert in alerts if alert["state"] == "firing"}
+        if "WebhookBridgeQuarantineReceiving" in firing:
+            break
+        assert time.monotonic() < deadline, f"the quarantine alert did not fire: {alerts}"
+        await asyncio.sleep(0.5)
+    quarantine = next(
+        a for a in alerts if a["labels"]["alertname"] == "WebhookBridgeQuarantineReceiving"
+    )
+    assert quarantine["labels"]["namespace"] == "test"
+    assert quarantine["labels"]["job"] == JOB
+    assert not {alert["labels"]["severity"] for alert in alerts} & {"critical"}, alerts
+    rules = [rule for group in (await prometheus.api("rules"))["groups"] for rule in group["rules"]]
+    assert len(rules) == sum(len(g["rules"]) for g in rule_groups()["groups"]) + len(
+        dashboard_queries()
+    )
+    unhealthy = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
+    assert unhealthy == {}
+
+
+async def test_rules_and_dashboard_name_only_exported_metrics(
+    start_bridge: Callable[..., BridgeProcess], signer: Signer
+) -> None:
+    bridge = start_bridge()
+    await bridge.wait_ready()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{bridge.port}/metrics") as response,
+    ):
+        exposition = await response.text()
+    exported = exposed_series_names(exposition) | await _replay_series_names()
+    queried = queried_metric_names()
+    assert "webhook_bridge_replay_messages_total" in queried
+    assert queried - exported == set()
