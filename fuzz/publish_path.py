@@ -16,18 +16,16 @@ request whose headers are well formed and fresh:
 - a timestamp property, when set, reads back as the event's ``created_at`` (or the
   signed timestamp, for a body without one), in seconds.
 
-``check`` leaves out the inputs of :func:`known_finding`: failures found by this
-harness and reported, not yet fixed, so that a campaign explores past them.
-``check_strictly`` holds every input to the properties; the reproducers in
-``tests/test_fuzz_findings.py`` use it as strict xfails, so a fix turns them into
-failures that ask for the exclusion to be deleted.
+The failures this harness found (a non-ASCII signature entry, a ``created_at`` past
+what pamqp reads as seconds) are fixed; ``tests/test_fuzz_findings.py`` keeps their
+reproducers.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from bridge.events import Classified, classify
+from bridge.events import classify
 from bridge.frames import FRAME_OVERHEAD, encode_publish
 from bridge.publisher import Topology, route
 from bridge.signature import (
@@ -48,28 +46,9 @@ VERIFIER = SignatureVerifier(
 )
 CHANNEL = 1
 FRAME_MAX = 131072
-PAMQP_SECONDS_MAX = 2**32 - 1
-"""pamqp, hence aiormq and aio-pika, reads a larger AMQP timestamp as milliseconds."""
-
-
-def known_finding(headers: WebhookHeaders, event: Classified) -> str | None:
-    """Why this authentic webhook would hit a reported failure, or ``None``."""
-    if not headers.signature.isascii():
-        return "a non-ASCII webhook-signature entry beside the v1 one: encoding raises"
-    if event.created_at is not None and event.created_at > PAMQP_SECONDS_MAX:
-        return "created_at above 2**32 - 1: pamqp misreads or cannot decode the timestamp"
-    return None
 
 
 def check(data: bytes) -> None:
-    _check(data, skip_known_findings=True)
-
-
-def check_strictly(data: bytes) -> None:
-    _check(data, skip_known_findings=False)
-
-
-def _check(data: bytes, *, skip_known_findings: bool) -> None:
     request = parse(data)
     try:
         received = WebhookHeaders.from_mapping(request.headers)
@@ -83,8 +62,6 @@ def _check(data: bytes, *, skip_known_findings: bool) -> None:
         return
 
     event = classify(request.body)
-    if skip_known_findings and known_finding(headers, event):
-        return
     trace = incoming_context(
         request.headers.getall(TRACEPARENT, []), request.headers.getall(TRACESTATE, [])
     )
