@@ -2,7 +2,11 @@
 
 The fuzzer grows its corpus in ``DIR/corpus`` (default ``build/fuzz/HARNESS``,
 git-ignored), reads the seeds in ``fuzz/corpus/HARNESS`` without writing there, and
-saves a crashing input as ``DIR/crash-<sha1>``. Every other argument goes to
+saves a crashing input as ``DIR/crash-<sha1>``. ``fuzz/dictionaries/HARNESS.dict``,
+where there is one, gives libFuzzer the tokens of the input's format (header names,
+JSON syntax, event types): the bridge's parsing is mostly native code (pydantic-core,
+``re``), which atheris cannot trace, so without them the fuzzer is left guessing
+what that code reads. Every other argument goes to
 libFuzzer: ``-max_total_time=SECONDS``, ``-runs=N``, ``-jobs``, or a crash file's
 path to replay it.
 """
@@ -19,6 +23,7 @@ import atheris
 HARNESSES = ("signature", "classification", "frames", "publish_path")
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = Path(__file__).resolve().parent / "corpus"
+DICTIONARIES = Path(__file__).resolve().parent / "dictionaries"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,10 +43,11 @@ def main(argv: list[str] | None = None) -> None:
         harness = importlib.import_module(f"fuzz.{args.harness}")
     replaying = any(not argument.startswith("-") for argument in libfuzzer_arguments)
     directories = [] if replaying else [str(corpus), str(SEEDS / args.harness)]
-    atheris.Setup(
-        [sys.argv[0], f"-artifact_prefix={work_dir}/", *libfuzzer_arguments, *directories],
-        harness.check,
-    )
+    dictionary = DICTIONARIES / f"{args.harness}.dict"
+    defaults = [f"-artifact_prefix={work_dir}/"]
+    if dictionary.exists() and not any(a.startswith("-dict=") for a in libfuzzer_arguments):
+        defaults.append(f"-dict={dictionary}")
+    atheris.Setup([sys.argv[0], *defaults, *libfuzzer_arguments, *directories], harness.check)
     atheris.Fuzz()
 
 
