@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.dedup import Deduplicator, DedupRefused, OnStoreError, store_from_settings
 from bridge.events import classify
@@ -35,6 +38,7 @@ from bridge.tracing import TRACEPARENT, TRACESTATE, PropagationOnly, RequestTrac
 logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhooks/openai"
+TRACE_FLUSH_SECONDS = 5.0
 JSON = "application/json"
 _LOGGED_ID_LENGTH = 80
 
@@ -130,6 +134,9 @@ class Ingress:
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes") from None
+        except RequestPayloadError:
+            # A Content-Encoding (gzip, deflate) whose bytes do not decompress.
+            raise Rejection(400, RequestOutcome.BAD_REQUEST, "body could not be decoded") from None
         except TimeoutError:
             raise Rejection(
                 408, RequestOutcome.BAD_REQUEST, "body not received within the time limit"
@@ -298,8 +305,21 @@ async def _broker_gauge_updates(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _flush_traces(app: web.Application) -> None:
-    # Blocks for at most the exporter's flush timeout, once, after the last request.
-    app[INGRESS].tracing.shutdown()
+    # The SDK's shutdown blocks (it joins its export thread): in a daemon thread, left
+    # behind at the deadline, so that an unreachable collector cannot hold the exit.
+    loop = asyncio.get_running_loop()
+    flushed = asyncio.Event()
+
+    def shut_down() -> None:
+        try:
+            app[INGRESS].tracing.shutdown()
+        finally:
+            loop.call_soon_threadsafe(flushed.set)
+
+    threading.Thread(target=shut_down, name="trace-flush", daemon=True).start()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(TRACE_FLUSH_SECONDS):
+            await flushed.wait()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

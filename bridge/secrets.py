@@ -35,10 +35,6 @@ class SecretSource:
     description: str
     path: Path | None = None  # set only when the secrets come from a file that can change
 
-    @property
-    def reloadable(self) -> bool:
-        return self.path is not None
-
 
 def locate_secret_source(
     secrets_dir: Path, environment: Mapping[str, str], *, given_as_flag: bool

@@ -218,9 +218,16 @@ class Settings(BaseSettings):
         )
 
 
+_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pass", "username", "user"})
+
+
 def redact_url(url: URL) -> str:
-    """The URL as it may be logged: any password replaced by ``***``."""
-    return str(url.with_password("***")) if url.password else str(url)
+    """The URL as it may be logged: a password, whether in the authority or as a query
+    argument (redis-py takes ``?password=``), replaced by ``***``."""
+    if url.password:
+        url = url.with_password("***")
+    hidden = {key: "***" for key in url.query if key.lower() in _SECRET_QUERY_KEYS}
+    return str(url.update_query(hidden) if hidden else url)
 
 
 def _split_amqp_urls(value: SecretStr) -> tuple[URL, ...]:

@@ -230,3 +230,15 @@ async def test_readiness_turns_503_as_soon_as_shutdown_begins(client: Client) ->
     response = await client.get("/readyz")
     assert response.status == 503
     assert await response.json() == {"status": "shutting down"}
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decompress_is_a_400(
+    client: Client, signer: Signer, fake_publisher: FakePublisher, encoding: str
+) -> None:
+    body = b"not compressed at all"
+    headers = {**signer.headers(body), "Content-Encoding": encoding}
+    response = await client.post(WEBHOOK_PATH, data=body, headers=headers)
+    assert response.status == 400
+    assert (await response.json())["detail"] == "body could not be decoded"
+    assert fake_publisher.published == []

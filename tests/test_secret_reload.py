@@ -396,12 +396,11 @@ def test_only_secrets_read_from_the_file_can_reload(tmp_path: Path) -> None:
     (tmp_path / "bridge_webhook_secret").write_text(Signer().secret)
     from_file = locate_secret_source(tmp_path, {"PATH": "/bin"}, given_as_flag=False)
     assert from_file.path == tmp_path / "bridge_webhook_secret"
-    assert from_file.reloadable
     from_environment = locate_secret_source(
         tmp_path, {"BRIDGE_WEBHOOK_SECRET": "x"}, given_as_flag=False
     )
-    assert not from_environment.reloadable
+    assert from_environment.path is None
     assert "environment variable" in from_environment.description
     from_flag = locate_secret_source(tmp_path, {}, given_as_flag=True)
-    assert not from_flag.reloadable
+    assert from_flag.path is None
     assert "--webhook-secret" in from_flag.description

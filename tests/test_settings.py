@@ -124,3 +124,15 @@ def test_every_url_of_the_list_is_checked_and_none_echoed(
     assert "BRIDGE_AMQP_HEARTBEAT" in message
     assert "hunter2" not in message
     assert "pw" not in message
+
+
+def test_a_password_given_as_a_query_argument_is_redacted_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BRIDGE_WEBHOOK_SECRET", new_secret())
+    monkeypatch.setenv("BRIDGE_DEDUP_URL", "redis://redis:6379/0?password=s3cret-pw&db=1")
+    monkeypatch.setenv("BRIDGE_AMQP_URL", "amqp://bridge:amqp-pw@rabbit/?heartbeat=5")
+    settings = load_settings()
+    assert "s3cret-pw" not in settings.dedup_url_redacted
+    assert "password=***" in settings.dedup_url_redacted
+    assert settings.amqp_url_redacted == "amqp://bridge:***@rabbit/?heartbeat=5"
