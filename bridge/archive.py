@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from bridge.consumer import (
     Delivery,
+    PatternReader,
     close_deliveries,
     connect_to_a_node,
     signature_problem,
@@ -225,7 +226,7 @@ async def history(
             return
 
 
-class ArchiveFollower:
+class ArchiveFollower(PatternReader):
     """``consume --since``: archived events matching ``patterns`` from ``since`` on, then
     live ones, as :class:`bridge.consumer.Delivery` objects like ``EventConsumer`` yields.
 
@@ -247,11 +248,8 @@ class ArchiveFollower:
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if isinstance(patterns, str) or not patterns:
-            raise ValueError("patterns must be a non-empty list of binding patterns")
+        super().__init__(exchange, patterns)
         self._amqp_url = amqp_url
-        self._exchange = exchange
-        self._patterns = tuple(patterns)
         self._since = since
         self._until = until
         self._verifier = stored_message_verifier(verify_secrets)
@@ -260,14 +258,6 @@ class ArchiveFollower:
         self._connection: AbstractConnection | None = None
         self._reader: ArchiveReader | None = None
         self._stream: AsyncGenerator[Delivery, None] | None = None
-
-    @property
-    def exchange(self) -> str:
-        return self._exchange
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return self._patterns
 
     @property
     def queue_name(self) -> str:

@@ -266,7 +266,25 @@ class Delivery:
         await self.message.reject(requeue=requeue)
 
 
-class EventConsumer:
+class PatternReader:
+    """What every reader of the bridge's events shares: the exchange and binding patterns."""
+
+    def __init__(self, exchange: str, patterns: Sequence[str]) -> None:
+        if isinstance(patterns, str) or not patterns:
+            raise ValueError("patterns must be a non-empty list of binding patterns")
+        self._exchange = exchange
+        self._patterns = tuple(patterns)
+
+    @property
+    def exchange(self) -> str:
+        return self._exchange
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self._patterns
+
+
+class EventConsumer(PatternReader):
     """A queue bound to the bridge's exchange, yielding typed events.
 
     ``queue`` names a durable queue that keeps events while no consumer runs;
@@ -296,8 +314,7 @@ class EventConsumer:
         busy_retry_seconds: float = 1.0,
         timeout: float = 10.0,
     ) -> None:
-        if isinstance(patterns, str) or not patterns:
-            raise ValueError("patterns must be a non-empty list of binding patterns")
+        super().__init__(exchange, patterns)
         if isinstance(verify_secrets, str):
             raise ValueError("verify_secrets must be a list of secrets, not one string")
         if prefetch < 1:
@@ -305,8 +322,6 @@ class EventConsumer:
         if quorum and not queue:
             raise ValueError("a quorum queue needs a name: quorum queues are durable and shared")
         self._amqp_url = amqp_url
-        self._exchange = exchange
-        self._patterns = tuple(patterns)
         self._queue_name = queue
         self._prefetch = prefetch
         self._quorum = quorum
@@ -320,14 +335,6 @@ class EventConsumer:
         self._queue: AbstractQueue | None = None
         self._stream: AsyncGenerator[Delivery, None] | None = None
         self._spans: SpanFactory | None = None
-
-    @property
-    def exchange(self) -> str:
-        return self._exchange
-
-    @property
-    def patterns(self) -> tuple[str, ...]:
-        return self._patterns
 
     @property
     def queue_name(self) -> str:
