@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.serving import serve
 from bridge.app import create_app
-from bridge.frames import FRAME_OVERHEAD, encode_publish
+from bridge.frames import FRAME_OVERHEAD
 from bridge.publisher import Outcome, OutgoingMessage
 from bridge.settings import load_settings
 
@@ -40,14 +40,7 @@ class ImmediateConfirmPublisher:
         self.bytes_encoded = 0
 
     async def publish(self, message: OutgoingMessage) -> Outcome:
-        frames = encode_publish(
-            channel=CHANNEL,
-            exchange=message.exchange,
-            routing_key=message.routing_key,
-            properties=message.properties,
-            body=message.body,
-            max_body_frame_size=FRAME_MAX - FRAME_OVERHEAD,
-        )
+        frames = message.frames(channel=CHANNEL, max_body_frame_size=FRAME_MAX - FRAME_OVERHEAD)
         self.confirmed += 1
         self.bytes_encoded += len(frames)
         return Outcome.QUARANTINED if message.quarantined else Outcome.PUBLISHED

@@ -142,6 +142,19 @@ class OutgoingMessage:
     quarantined: bool
     properties: MessageProperties
 
+    def frames(
+        self, *, channel: int, max_body_frame_size: int, exchange: str | None = None
+    ) -> bytes:
+        """The AMQP frames publishing this message (to ``exchange`` instead, if given)."""
+        return encode_publish(
+            channel=channel,
+            exchange=self.exchange if exchange is None else exchange,
+            routing_key=self.routing_key,
+            properties=self.properties,
+            body=self.body,
+            max_body_frame_size=max_body_frame_size,
+        )
+
 
 def route(
     topology: Topology,
@@ -309,13 +322,8 @@ class AmqpPublisher:
         self, channel: aiormq.Channel, message: OutgoingMessage, exchange: str
     ) -> None:
         """Publish on ``channel`` and wait for the broker's ack (aiormq raises on nack/return)."""
-        frames = encode_publish(
-            channel=channel.number,
-            exchange=exchange,
-            routing_key=message.routing_key,
-            properties=message.properties,
-            body=message.body,
-            max_body_frame_size=channel.max_content_size,
+        frames = message.frames(
+            channel=channel.number, max_body_frame_size=channel.max_content_size, exchange=exchange
         )
         # The same bookkeeping as aiormq's basic_publish: its frame reader resolves
         # confirmations by delivery tag, and returned messages by message_id.

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bridge.events import classify
-from bridge.frames import FRAME_OVERHEAD, encode_publish
+from bridge.frames import FRAME_OVERHEAD
 from bridge.publisher import Topology, route
 from bridge.signature import (
     MalformedWebhookHeaders,
@@ -66,14 +66,7 @@ def check(data: bytes) -> None:
         request.headers.getall(TRACEPARENT, []), request.headers.getall(TRACESTATE, [])
     )
     message = route(TOPOLOGY, headers, request.body, event, trace)
-    encoded = encode_publish(
-        channel=CHANNEL,
-        exchange=message.exchange,
-        routing_key=message.routing_key,
-        properties=message.properties,
-        body=message.body,
-        max_body_frame_size=FRAME_MAX - FRAME_OVERHEAD,
-    )
+    encoded = message.frames(channel=CHANNEL, max_body_frame_size=FRAME_MAX - FRAME_OVERHEAD)
 
     decoded = decode_publish(encoded, channel=CHANNEL)
     assert decoded.body == request.body
