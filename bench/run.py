@@ -38,6 +38,13 @@ from bench.processes import (
     machine_cpu_seconds,
 )
 from bench.profiling import ProfilerUnavailable, ProfileSummary, record, summarise_collapsed
+from bench.relay import (
+    RelayFailed,
+    RelayProcess,
+    RelaySummary,
+    broker_address,
+    start_relay_process,
+)
 from bench.report import (
     BRIDGE,
     BRIDGE_ARCHIVE,
@@ -99,6 +106,8 @@ class Plan:
     """The server to sample with py-spy after the measurements, if any."""
     profile_duration_s: int
     require_targets: bool
+    broker_latency_ms: float = 0.0
+    """Added each way between the broker and everything measured, by bench/relay.py."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -110,6 +119,11 @@ class Plan:
             "wrk threads": f"min(connections, {self.max_wrk_threads})",
             "servers": ", ".join(self.servers),
             "bound queue": f"one durable {self.queue_type} queue per exchange, binding '#'",
+            "broker latency": (
+                f"+{self.broker_latency_ms:g} ms each way (bench/relay.py)"
+                if self.broker_latency_ms
+                else "none (servers connect to the broker directly)"
+            ),
         }
 
     def warmup_connections(self) -> int:
@@ -251,7 +265,7 @@ async def _confirm_loop_point(context: Context, in_flight: int) -> Row | None:
     before = cpu_seconds(broker), machine_cpu_seconds(), time.monotonic()
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.confirm_loop",
-        "--amqp-url", context.plan.amqp_url, "--exchange", exchange,
+        "--amqp-url", context.launch.amqp_url, "--exchange", exchange,
         "--concurrency", str(in_flight), "--duration", str(context.plan.duration_s),
         "--warmup", str(min(context.plan.warmup_s, 2)),
         cwd=ROOT, env=clean_environment(),
@@ -448,6 +462,27 @@ async def profile_server(context: Context, key: str) -> ProfileSummary | None:
 # --- the run ----------------------------------------------------------------------------------
 
 
+async def _start_relay(plan: Plan, log_path: Path) -> RelayProcess:
+    host, port = broker_address(plan.amqp_url)
+    relay = await start_relay_process((host, port), plan.broker_latency_ms, log_path)
+    print(
+        f"== broker relay on {relay.host}:{relay.port}: "
+        f"+{plan.broker_latency_ms:g} ms each way to {host}:{port}",
+        flush=True,
+    )
+    return relay
+
+
+def _relay_outcome(summary: RelaySummary | None) -> str:
+    if summary is None:
+        return "; the relay printed no summary (see its log)"
+    return (
+        f"; {summary.chunks:,} chunks held {summary.mean_hold_ms:.2f} ms on average "
+        f"({summary.shortest_hold_ms:.2f} to {summary.longest_hold_ms:.2f}), "
+        f"relay CPU {summary.cpu_s or 0:.1f} s"
+    )
+
+
 async def run(plan: Plan) -> int:
     if wrk_path() is None:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
@@ -459,13 +494,28 @@ async def run(plan: Plan) -> int:
         return EXIT_SETUP
     run_id = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
     plan.results_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = plan.results_dir / "logs"
+    relay = None
+    if plan.broker_latency_ms:
+        try:
+            relay = await _start_relay(plan, log_dir / f"relay-{run_id}.log")
+        except RelayFailed as failed:
+            print(failed, file=sys.stderr)
+            await probe.close()
+            return EXIT_SETUP
+    # The probe stays direct: counting and purging are the harness's, not what is measured.
+    servers_amqp_url = plan.amqp_url if relay is None else relay.amqp_url(plan.amqp_url)
     secret = new_secret()
-    report = Report(machine=machine_info(probe.server_version), plan=plan.describe())
+    report = Report(
+        machine=machine_info(probe.server_version),
+        plan=plan.describe(),
+        broker_latency_ms=plan.broker_latency_ms,
+    )
     context = Context(
         plan=plan,
         probe=probe,
         factory=RequestFactory(secret),
-        launch=Launch(secret, plan.amqp_url, plan.dedup_url, plan.results_dir / "logs", run_id),
+        launch=Launch(secret, servers_amqp_url, plan.dedup_url, log_dir, run_id),
         report=report,
     )
     started = time.monotonic()
@@ -478,7 +528,11 @@ async def run(plan: Plan) -> int:
         report.failures.append(str(error))
     finally:
         await probe.close()
+        if relay is not None:
+            report.broker_relay = await relay.stop()
     report.plan["elapsed"] = f"{time.monotonic() - started:.0f} s"
+    if relay is not None:
+        report.plan["broker latency"] += _relay_outcome(report.broker_relay)
 
     markdown = report.markdown()
     print("\n" + markdown)
@@ -498,6 +552,13 @@ async def run(plan: Plan) -> int:
 
 def _csv_ints(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def _milliseconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a delay in milliseconds: {text!r}")
+    return value
 
 
 def _servers(text: str) -> tuple[str, ...]:
@@ -537,6 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUEUE_TYPES,
         default=QUORUM,
         help="of the queue bound to each exchange (default quorum, as recommended for production)",
+    )
+    parser.add_argument(
+        "--broker-latency-ms",
+        type=_milliseconds,
+        default=0.0,
+        metavar="MS",
+        help="relay the servers' and the confirm loop's broker connections through "
+        "bench/relay.py, adding MS each way (default 0: direct)",
     )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     profiled = (BRIDGE, REFERENCE, HTTP_CEILING)
@@ -599,12 +668,15 @@ def plan_from(args: argparse.Namespace) -> Plan:
         profile=args.profile_only or args.profile,
         profile_duration_s=args.profile_duration or (5 if quick else 10),
         require_targets=args.require_targets,
+        broker_latency_ms=args.broker_latency_ms,
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.broker_latency_ms and (args.instructions is not None or args.soak is not None):
+        parser.error("--broker-latency-ms applies to the timed run, not --instructions or --soak")
     # Imported here: both modes build on this module's measuring pieces.
     if args.instructions is not None:
         from bench.instructions import run_instructions

@@ -95,6 +95,7 @@ async def connect_to_a_node(
             return await attempt(url)
     return await attempt(last)
 
+
 # Queued messages are legitimately old (a consumer may have been down for hours), and the
 # bridge already applied the replay window when OpenAI delivered them: only the HMAC is re-checked.
 _ANY_AGE = sys.maxsize

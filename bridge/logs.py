@@ -12,9 +12,7 @@ _STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", 
 
 
 def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {
-        key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRIBUTES
-    }
+    return {key: value for key, value in vars(record).items() if key not in _STANDARD_ATTRIBUTES}
 
 
 class JsonFormatter(logging.Formatter):

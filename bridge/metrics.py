@@ -3,6 +3,12 @@
 One registry per app, so that tests never share counters. With several worker
 processes (``BRIDGE_WORKERS``) every worker writes its values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` and any worker's ``/metrics`` reports the sum of all.
+
+What every request counts is tallied in plain integers and handed to prometheus_client
+(whose every increment takes a lock, and in multiprocess mode writes a file) by
+:meth:`Metrics.flush`: before each exposition, and once a second in every worker. A
+scrape therefore sees its own worker exactly, and the other workers as of at most a
+second before.
 """
 
 from __future__ import annotations
@@ -43,6 +49,21 @@ class DedupResult(enum.StrEnum):
     """The store was unreachable: published unchecked, or refused with 503."""
 
 
+class _Tally:
+    """Increments of one counter child, not yet handed to it."""
+
+    __slots__ = ("child", "pending")
+
+    def __init__(self, child: Counter) -> None:
+        self.child = child
+        self.pending = 0
+
+    def flush(self) -> None:
+        if self.pending:
+            self.child.inc(self.pending)
+            self.pending = 0
+
+
 class Metrics:
     def __init__(self, secret_count: int) -> None:
         shared_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
@@ -71,6 +92,13 @@ class Metrics:
         self.in_flight = Gauge(
             "webhook_bridge_in_flight",
             "Webhook requests being processed.",
+            multiprocess_mode="livesum",
+            registry=own_registry,
+        )
+        self.publish_limit = Gauge(
+            "webhook_bridge_publish_limit",
+            "Unconfirmed publishes the process allows at once: the adaptive limit, "
+            "at most BRIDGE_MAX_PUBLISHES_IN_FLIGHT.",
             multiprocess_mode="livesum",
             registry=own_registry,
         )
@@ -118,44 +146,66 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
             registry=own_registry,
         )
-        self._dedup_counters = {
-            result: self.dedup_results.labels(result=result.value) for result in DedupResult
+        self._dedup_tallies = {
+            result: _Tally(self.dedup_results.labels(result=result.value)) for result in DedupResult
         }
         self._broker_node: str | None = None
-        self._outcome_counters = {
-            outcome: self.requests.labels(outcome=outcome.value) for outcome in RequestOutcome
+        self._outcome_tallies = {
+            outcome: _Tally(self.requests.labels(outcome=outcome.value))
+            for outcome in RequestOutcome
         }
         # Known types are exported from zero: a series born at 1 hides its first event from
         # rate() and increase() (tests/test_prometheus.py sees it through a real Prometheus).
-        self._published_counters: dict[str, Counter] = {
-            event_type: self.published.labels(event_type=event_type)
+        self._published_tallies = {
+            event_type: _Tally(self.published.labels(event_type=event_type))
             for event_type in sorted(KNOWN_EVENT_TYPES)
         }
-        self._secret_counters = [
-            self.secret_matches.labels(secret_index=str(index)) for index in range(secret_count)
+        self._secret_tallies = [
+            _Tally(self.secret_matches.labels(secret_index=str(index)))
+            for index in range(secret_count)
         ]
+        self.requests_in_flight = 0
+        self._publish_durations: list[float] = []
 
     def count(self, outcome: RequestOutcome) -> None:
-        self._outcome_counters[outcome].inc()
+        self._outcome_tallies[outcome].pending += 1
 
     def event_published(self, event_type: str) -> None:
-        counter = self._published_counters.get(event_type)
-        if counter is None:
-            counter = self._published_counters[event_type] = self.published.labels(
-                event_type=event_type
+        tally = self._published_tallies.get(event_type)
+        if tally is None:
+            tally = self._published_tallies[event_type] = _Tally(
+                self.published.labels(event_type=event_type)
             )
-        counter.inc()
+        tally.pending += 1
+
+    def publish_took(self, seconds: float) -> None:
+        self._publish_durations.append(seconds)
 
     def secret_matched(self, index: int) -> None:
-        self._secret_counters[index].inc()
+        self._secret_tallies[index].pending += 1
 
     def dedup_result(self, result: DedupResult) -> None:
-        self._dedup_counters[result].inc()
+        self._dedup_tallies[result].pending += 1
+
+    def flush(self) -> None:
+        """Hand every tally to prometheus_client."""
+        for tallies in (
+            self._outcome_tallies.values(),
+            self._published_tallies.values(),
+            self._dedup_tallies.values(),
+            self._secret_tallies,
+        ):
+            for tally in tallies:
+                tally.flush()
+        durations, self._publish_durations = self._publish_durations, []
+        for seconds in durations:
+            self.publish_seconds.observe(seconds)
+        self.in_flight.set(self.requests_in_flight)
 
     def secret_count_changed(self, secret_count: int) -> None:
         """Have a ``secret_index`` child for every position of a reloaded list."""
-        for index in range(len(self._secret_counters), secret_count):
-            self._secret_counters.append(self.secret_matches.labels(secret_index=str(index)))
+        for index in range(len(self._secret_tallies), secret_count):
+            self._secret_tallies.append(_Tally(self.secret_matches.labels(secret_index=str(index))))
 
     def secrets_reloaded(self, result: str) -> None:
         self.secret_reloads.labels(result=result).inc()
@@ -173,4 +223,5 @@ class Metrics:
             self.broker_reconnects.inc()
 
     def exposition(self) -> bytes:
+        self.flush()
         return generate_latest(self.registry)

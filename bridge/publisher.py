@@ -22,7 +22,6 @@ import enum
 import logging
 import random
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -34,8 +33,10 @@ from aiormq.abc import ChannelFrame
 from pamqp.common import FieldTable
 from yarl import URL
 
+from bridge.deadlines import Deadlines
 from bridge.events import Classified
 from bridge.frames import APP_ID, HeaderValue, MessageProperties, encode_publish
+from bridge.limiter import AdaptiveLimit
 from bridge.settings import QueueType, Settings, redact_url
 from bridge.signature import WebhookHeaders
 from bridge.tracing import TraceContext, new_trace
@@ -49,6 +50,8 @@ MAX_RETRY_INTERVAL = 5.0
 # The AMQP timestamp is 64 bits of seconds, but pamqp (aiormq, aio-pika) reads values
 # past 2**32 - 1 as milliseconds: such a created_at is left out rather than misread.
 _MAX_AMQP_TIMESTAMP = 2**32 - 1
+INITIAL_PUBLISHES_IN_FLIGHT = 32
+MIN_PUBLISHES_IN_FLIGHT = 8
 T = TypeVar("T")
 _EXISTING_QUEUE_TYPE = re.compile(r"current is (?:the value )?'([a-z]+)'")
 
@@ -132,7 +135,7 @@ class ArchiveRetention:
         return arguments
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs five times as much
 class OutgoingMessage:
     """The exact request bytes plus where they go and what travels with them."""
 
@@ -206,6 +209,7 @@ class AmqpPublisher:
         *,
         supervise_interval: float = 1.0,
         on_connect: Callable[[str, bool], None] | None = None,
+        on_limit_change: Callable[[int], None] = lambda _limit: None,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
@@ -221,10 +225,13 @@ class AmqpPublisher:
         self._pending_channel: aiormq.Channel | None = None
         self._pending_frames: list[bytes] = []
         self._flush_scheduled = False
-        # Beyond a few dozen unconfirmed publishes the broker only queues them, and its
-        # flow control then stalls them all at once: waiting here instead, in order,
-        # keeps the slowest requests fast (the benchmark measures this).
-        self._in_flight_limit = asyncio.Semaphore(settings.max_publishes_in_flight)
+        self.in_flight_limit = AdaptiveLimit(
+            initial=INITIAL_PUBLISHES_IN_FLIGHT,
+            minimum=min(MIN_PUBLISHES_IN_FLIGHT, settings.max_publishes_in_flight),
+            maximum=settings.max_publishes_in_flight,
+            on_change=on_limit_change,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._topology_ok = False
         self._declared = False
         self._stalled = False
@@ -262,6 +269,8 @@ class AmqpPublisher:
 
     async def start(self) -> None:
         """Begin connecting in the background; ``ready`` turns true once it succeeds."""
+        self._loop = asyncio.get_running_loop()
+        self._confirm_deadlines = Deadlines(self._loop)
         self._supervisor = asyncio.create_task(self._supervise(), name="amqp-supervisor")
 
     async def close(self) -> None:
@@ -275,26 +284,45 @@ class AmqpPublisher:
     async def publish(self, message: OutgoingMessage) -> Outcome:
         if not self.ready:
             raise BrokerUnavailable(self._not_ready_reason())
-        started = time.monotonic()
+        loop = self._loop
+        assert loop is not None
+        started = loop.time()
+        # One deadline for the whole publish, waiting for a slot included: timers of the
+        # loop's own, cheaper on this path than an asyncio.timeout each.
+        deadline = started + self._timeout
+        limit = self.in_flight_limit
         try:
-            async with asyncio.timeout(self._timeout), self._in_flight_limit:
-                channel = await self._publishing_channel()
+            if not limit.try_acquire():
+                await limit.wait(loop, deadline)
+            holding_since = loop.time()
+            held: float | None = None
+            try:
+                channel = await self._publishing_channel(deadline)
                 try:
-                    await self._confirmed(channel, message, message.exchange)
-                    return Outcome.QUARANTINED if message.quarantined else Outcome.PUBLISHED
+                    await self._confirmed(channel, message, message.exchange, deadline)
+                    outcome = Outcome.QUARANTINED if message.quarantined else Outcome.PUBLISHED
                 except aiormq.exceptions.PublishError:
                     if message.quarantined:
                         raise
-                # Returned even via the alternate exchange: the alternate-exchange
-                # link is missing (e.g. operator-managed topology), so store it directly.
-                await self._confirmed(channel, message, self._topology.unrouted_exchange)
-                return Outcome.UNROUTED
+                    # Returned even via the alternate exchange: the alternate-exchange link
+                    # is missing (e.g. operator-managed topology), so store it directly.
+                    await self._confirmed(
+                        channel, message, self._topology.unrouted_exchange, deadline
+                    )
+                    outcome = Outcome.UNROUTED
+                held = loop.time() - holding_since
+                return outcome
+            except TimeoutError:
+                limit.timed_out()
+                raise
+            finally:
+                limit.release(held)
         except TimeoutError:
             self._stalled = True
             self._wake.set()
             raise BrokerUnavailable(
                 f"no broker confirm within {self._timeout:g} s "
-                f"(waited {time.monotonic() - started:.1f} s)"
+                f"(waited {loop.time() - started:.1f} s)"
             ) from None
         except (aiormq.exceptions.AMQPError, ConnectionError, RuntimeError) as error:
             raise BrokerUnavailable(f"broker refused or lost the publish: {error!r}") from None
@@ -308,20 +336,22 @@ class AmqpPublisher:
             return "broker is not confirming publishes (blocked or overloaded)"
         return "publishing channel is closed"
 
-    async def _publishing_channel(self) -> aiormq.Channel:
+    async def _publishing_channel(self, deadline: float) -> aiormq.Channel:
         channel = self._amqp_channel
         if channel is None or channel.is_closed:
             assert self._channel is not None
-            underlay = await self._channel.get_underlay_channel()
+            async with asyncio.timeout_at(deadline):
+                underlay = await self._channel.get_underlay_channel()
             if not isinstance(underlay, aiormq.Channel):
                 raise RuntimeError(f"unexpected AMQP channel type {type(underlay).__name__}")
             channel = self._amqp_channel = underlay
         return channel
 
     async def _confirmed(
-        self, channel: aiormq.Channel, message: OutgoingMessage, exchange: str
+        self, channel: aiormq.Channel, message: OutgoingMessage, exchange: str, deadline: float
     ) -> None:
-        """Publish on ``channel`` and wait for the broker's ack (aiormq raises on nack/return)."""
+        """Publish on ``channel`` and wait for the broker's ack (aiormq raises on nack/return)
+        until ``deadline``, then raise TimeoutError."""
         frames = message.frames(
             channel=channel.number, max_body_frame_size=channel.max_content_size, exchange=exchange
         )
@@ -334,13 +364,18 @@ class AmqpPublisher:
         message_id = message.properties.message_id
         channel.message_id_delivery_tag[message_id] = delivery_tag
         self._write_soon(channel, frames)
+        # Cancelled, not failed, at the deadline: aiormq then ignores a late ack quietly.
+        self._confirm_deadlines.cancel_at(deadline, confirmation)
+        loop = channel.loop
         try:
             await confirmation
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if confirmation.cancelled() and task is not None and not task.cancelling():
-                raise BrokerUnavailable("the publishing channel closed") from None
-            raise
+            if not confirmation.cancelled() or (task is not None and task.cancelling()):
+                raise
+            if loop.time() >= deadline:
+                raise TimeoutError from None
+            raise BrokerUnavailable("the publishing channel closed") from None
         finally:
             if channel.message_id_delivery_tag.get(message_id) == delivery_tag:
                 del channel.message_id_delivery_tag[message_id]
@@ -354,7 +389,7 @@ class AmqpPublisher:
         self._pending_frames.append(frames)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_pending)
+            channel.loop.call_soon(self._flush_pending)
 
     def _flush_pending(self) -> None:
         self._flush_scheduled = False
@@ -368,7 +403,7 @@ class AmqpPublisher:
         except asyncio.QueueFull:
             # aiormq's writer is behind: keep the frames, in order, for the next turn.
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_pending)
+            channel.loop.call_soon(self._flush_pending)
             return
         self._pending_frames.clear()
 

@@ -30,6 +30,7 @@ DEFAULT_SECRETS_DIR = Path("/run/secrets/webhook-bridge")
 DEFAULT_EXCHANGE = "openai.webhooks"
 DEDUP_WINDOW_WITH_REDIS = 73 * 3600.0
 
+
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
@@ -96,7 +97,11 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     publish_timeout: Seconds = 5.0
     body_timeout: Seconds = 10.0
-    max_publishes_in_flight: Annotated[int, Field(ge=1, le=10_000)] = 32
+    max_publishes_in_flight: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=1024,
+        description="The most unconfirmed publishes per process; below it the limit adapts "
+        "to the broker's confirm latency.",
+    )
     drain_timeout: Seconds = 20.0
     retry_after: Annotated[int, Field(ge=1)] = 5
     dedup_url: SecretStr = Field(
@@ -157,9 +162,7 @@ class Settings(BaseSettings):
         if url.scheme not in ("redis", "rediss") or not url.host:
             raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
         if importlib.util.find_spec("redis") is None:
-            raise ValueError(
-                "needs the Redis client: pip install 'openai-webhook-bridge[redis]'"
-            )
+            raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
         return value
 
     @field_validator("dedup_window")

@@ -173,7 +173,10 @@ class Cluster:
 
     def await_all_online(self) -> None:
         self.any_running().ctl(
-            "await_online_nodes", str(len(self.nodes)), "--timeout", str(START_TIMEOUT),
+            "await_online_nodes",
+            str(len(self.nodes)),
+            "--timeout",
+            str(START_TIMEOUT),
             timeout=START_TIMEOUT + 10,
         )
 
@@ -195,9 +198,11 @@ class Cluster:
 
     def leader_of(self, queue: str) -> Node:
         """The node that leads quorum queue ``queue``."""
-        for line in self.any_running().ctl(
-            "list_queues", "name", "leader", "--no-table-headers", "-q"
-        ).splitlines():
+        for line in (
+            self.any_running()
+            .ctl("list_queues", "name", "leader", "--no-table-headers", "-q")
+            .splitlines()
+        ):
             name, _, leader = line.strip().partition("\t")
             if name == queue:
                 (node,) = (node for node in self.nodes if node.name == leader.strip())

@@ -297,9 +297,7 @@ def bridge_environment(
     signer: Signer, exchange: str, port: int, **extra: str | None
 ) -> dict[str, str]:
     """The environment of a bridge process; an ``extra`` value of None unsets the variable."""
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")
-    }
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")}
     environment.update(
         BRIDGE_WEBHOOK_SECRET=signer.secret,
         BRIDGE_AMQP_URL=AMQP_URL,

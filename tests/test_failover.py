@@ -111,9 +111,7 @@ async def test_a_call_cancelled_under_the_caller_is_a_connection_error() -> None
 @pytest.mark.broker
 async def test_consumers_take_the_first_node_of_the_list_that_answers() -> None:
     dead = "amqp://guest:guest@127.0.0.1:1/"
-    connection = await connect_to_a_node(
-        f"{dead}, {AMQP_URL}", aio_pika.connect, attempt_seconds=5
-    )
+    connection = await connect_to_a_node(f"{dead}, {AMQP_URL}", aio_pika.connect, attempt_seconds=5)
     async with connection:
         assert connection.url.port == 5672
     with pytest.raises(ConnectionError):

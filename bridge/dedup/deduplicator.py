@@ -57,7 +57,7 @@ class Deduplicator(Generic[T]):
         self._wait_seconds = wait_seconds
         self._reject_without_store = on_store_error is OnStoreError.REJECT
         self._record = record
-        self._in_flight: dict[str, asyncio.Future[T | None]] = {}
+        self._in_flight: dict[str, asyncio.Future[T | None] | None] = {}
 
     @property
     def ready(self) -> bool:
@@ -72,27 +72,37 @@ class Deduplicator(Generic[T]):
         failed action is not remembered, so a retry runs it again; copies waiting on it
         fail with the same error. Raises :class:`DedupRefused` when no 2xx is possible yet.
         """
-        running = self._in_flight.get(key)
-        if running is not None:
+        if key in self._in_flight:
             self._record(DedupResult.DUPLICATE)
-            await asyncio.shield(running)
+            await asyncio.shield(self._outcome_of(key))
             return None
 
-        future: asyncio.Future[T | None] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        # The outcome's future is made only when a copy comes to wait for it: most ids
+        # arrive once, and a future per request would cost every one of them.
+        self._in_flight[key] = None
         try:
             result = await self._first_copy(key, action)
         except BaseException as error:
-            future.set_exception(
-                error if isinstance(error, Exception) else FirstCopyAbandoned(key)
-            )
-            future.exception()  # retrieved here, so a copy-less failure is not reported as lost
+            waited_on = self._in_flight[key]
+            if waited_on is not None:
+                waited_on.set_exception(
+                    error if isinstance(error, Exception) else FirstCopyAbandoned(key)
+                )
+                waited_on.exception()  # retrieved here, so a copy-less failure is not reported
             raise
         else:
-            future.set_result(result)
+            waited_on = self._in_flight[key]
+            if waited_on is not None:
+                waited_on.set_result(result)
             return result
         finally:
             del self._in_flight[key]
+
+    def _outcome_of(self, key: str) -> asyncio.Future[T | None]:
+        future = self._in_flight[key]
+        if future is None:
+            future = self._in_flight[key] = asyncio.get_running_loop().create_future()
+        return future
 
     async def _first_copy(self, key: str, action: Callable[[], Awaitable[T]]) -> T | None:
         try:

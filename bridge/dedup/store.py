@@ -16,7 +16,7 @@ class ClaimState(enum.Enum):
     """Someone else claimed the id and has neither confirmed nor released it yet."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: a frozen one costs five times as much
 class Claim:
     key: str
     state: ClaimState
