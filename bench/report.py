@@ -20,6 +20,7 @@ BRIDGE = "bridge"
 BRIDGE_WORKERS = "bridge-workers2"
 BRIDGE_REDIS = "bridge-redis"
 BRIDGE_ARCHIVE = "bridge-archive"
+BRIDGE_FIXED_LIMIT = "bridge-fixed32"
 REFERENCE = "reference"
 HTTP_CEILING = "http-ceiling"
 CONFIRM_LOOP = "confirm-loop"
@@ -29,6 +30,7 @@ LABELS = {
     BRIDGE_WORKERS: "bridge (BRIDGE_WORKERS=2)",
     BRIDGE_REDIS: "bridge (dedup in Redis)",
     BRIDGE_ARCHIVE: "bridge (archive stream on)",
+    BRIDGE_FIXED_LIMIT: "bridge (fixed in-flight limit 32)",
     REFERENCE: "reference (bench/reference.py)",
     HTTP_CEILING: "HTTP ceiling (read body, 200)",
     CONFIRM_LOOP: "confirm loop (aiormq, no HTTP)",
@@ -228,7 +230,7 @@ class Report:
             "| rps / confirm loop (64) | CPU us/req / HTTP ceiling |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for server in (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE):
+        for server in (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE, BRIDGE_FIXED_LIMIT):
             for bridge in self.server_rows(server):
                 reference = self.row(REFERENCE, bridge.connections)
                 http = self.row(HTTP_CEILING, bridge.connections)

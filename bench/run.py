@@ -48,6 +48,7 @@ from bench.relay import (
 from bench.report import (
     BRIDGE,
     BRIDGE_ARCHIVE,
+    BRIDGE_FIXED_LIMIT,
     BRIDGE_REDIS,
     BRIDGE_WORKERS,
     CONFIRM_LOOP,
@@ -65,7 +66,7 @@ from bench.signed_requests import RequestFactory, new_secret
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DEDUP_URL = "redis://127.0.0.1:6379/0"
-SERVERS = (
+DEFAULT_SERVERS = (
     BRIDGE,
     BRIDGE_WORKERS,
     BRIDGE_REDIS,
@@ -74,6 +75,8 @@ SERVERS = (
     HTTP_CEILING,
     CONFIRM_LOOP,
 )
+SERVERS = (*DEFAULT_SERVERS, BRIDGE_FIXED_LIMIT)
+"""Every server the bench knows; the fixed-limit bridge only when named (--servers)."""
 DEFAULT_CONNECTIONS = (1, 16, 64, 256)
 PROFILE_CONNECTIONS = 64
 CONFIRM_LOOP_IN_FLIGHT = (1, 16, 64)
@@ -586,7 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--connections", type=_csv_ints, default=DEFAULT_CONNECTIONS, help="default 1,16,64,256"
     )
     parser.add_argument(
-        "--servers", type=_servers, default=SERVERS, help=f"default {','.join(SERVERS)}"
+        "--servers",
+        type=_servers,
+        default=DEFAULT_SERVERS,
+        help=f"default {','.join(DEFAULT_SERVERS)}; also {BRIDGE_FIXED_LIMIT}",
     )
     parser.add_argument("--wrk-threads", type=int, default=2, help="most wrk threads (default 2)")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)

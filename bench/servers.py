@@ -12,6 +12,7 @@ from bench.processes import Server, clean_environment, descendants, free_port, s
 from bench.report import (
     BRIDGE,
     BRIDGE_ARCHIVE,
+    BRIDGE_FIXED_LIMIT,
     BRIDGE_REDIS,
     BRIDGE_WORKERS,
     HTTP_CEILING,
@@ -19,8 +20,10 @@ from bench.report import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-BRIDGES = (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE)
+BRIDGES = (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE, BRIDGE_FIXED_LIMIT)
 ARCHIVE_MAX_AGE = "1h"
+FIXED_IN_FLIGHT_LIMIT = 32
+"""The fixed limit the bridge had before it adapted: the comparison row `bridge-fixed32`."""
 """The archive row's retention: the run's stream is deleted afterwards anyway."""
 REDIS_DEDUP_WINDOW_S = 120
 """Short, so that the shared Redis drops the run's keys soon after; TTLs cost nothing."""
@@ -78,6 +81,9 @@ def _start(key: str, launch: Launch) -> tuple[Server, str]:
             )
         if key == BRIDGE_ARCHIVE:
             environment["BRIDGE_ARCHIVE_MAX_AGE"] = ARCHIVE_MAX_AGE
+        if key == BRIDGE_FIXED_LIMIT:
+            environment["BRIDGE_MIN_PUBLISHES_IN_FLIGHT"] = str(FIXED_IN_FLIGHT_LIMIT)
+            environment["BRIDGE_MAX_PUBLISHES_IN_FLIGHT"] = str(FIXED_IN_FLIGHT_LIMIT)
         command = list(launch.bridge_command)
         ready = "/readyz"
     elif key == REFERENCE:

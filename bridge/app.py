@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhooks/openai"
 TRACE_FLUSH_SECONDS = 5.0
+METRICS_FLUSH_SECONDS = 1.0
+"""How stale another worker's request counts may be in a scrape (see bridge.metrics)."""
 JSON = "application/json"
 _LOGGED_ID_LENGTH = 80
 
@@ -302,7 +304,7 @@ async def _metric_updates(app: web.Application) -> AsyncIterator[None]:
         while True:
             ingress.metrics.set_broker_connected(ingress.publisher.connected)
             ingress.metrics.flush()
-            await asyncio.sleep(1)
+            await asyncio.sleep(METRICS_FLUSH_SECONDS)
 
     updater = asyncio.create_task(update_every_second())
     yield

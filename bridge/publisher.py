@@ -51,7 +51,6 @@ MAX_RETRY_INTERVAL = 5.0
 # past 2**32 - 1 as milliseconds: such a created_at is left out rather than misread.
 _MAX_AMQP_TIMESTAMP = 2**32 - 1
 INITIAL_PUBLISHES_IN_FLIGHT = 32
-MIN_PUBLISHES_IN_FLIGHT = 8
 T = TypeVar("T")
 _EXISTING_QUEUE_TYPE = re.compile(r"current is (?:the value )?'([a-z]+)'")
 
@@ -227,7 +226,7 @@ class AmqpPublisher:
         self._flush_scheduled = False
         self.in_flight_limit = AdaptiveLimit(
             initial=INITIAL_PUBLISHES_IN_FLIGHT,
-            minimum=min(MIN_PUBLISHES_IN_FLIGHT, settings.max_publishes_in_flight),
+            minimum=settings.min_publishes_in_flight,
             maximum=settings.max_publishes_in_flight,
             on_change=on_limit_change,
         )

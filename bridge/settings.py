@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         description="The most unconfirmed publishes per process; below it the limit adapts "
         "to the broker's confirm latency.",
     )
+    min_publishes_in_flight: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=8,
+        description="The fewest unconfirmed publishes the adaptive limit allows; equal to "
+        "BRIDGE_MAX_PUBLISHES_IN_FLIGHT, a fixed limit.",
+    )
     drain_timeout: Seconds = 20.0
     retry_after: Annotated[int, Field(ge=1)] = 5
     dedup_url: SecretStr = Field(
@@ -172,6 +177,15 @@ class Settings(BaseSettings):
         if value == 0 and url is not None and url.get_secret_value():
             raise ValueError("must be positive with BRIDGE_DEDUP_URL (or leave it unset)")
         return value
+
+    @model_validator(mode="after")
+    def _in_flight_bounds(self) -> Settings:
+        if self.min_publishes_in_flight > self.max_publishes_in_flight:
+            raise ValueError(
+                f"BRIDGE_MIN_PUBLISHES_IN_FLIGHT ({self.min_publishes_in_flight}) is above "
+                f"BRIDGE_MAX_PUBLISHES_IN_FLIGHT ({self.max_publishes_in_flight})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _default_dedup_key_prefix(self) -> Settings:

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bridge.app import METRICS_FLUSH_SECONDS
 from bridge.samples import sample_body
 from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer
 
@@ -131,6 +132,7 @@ async def test_workers_share_the_port_and_metrics_add_up(
     async with aiohttp.ClientSession(connector=connector) as session:
         statuses = await asyncio.gather(*(post(session, body) for body in bodies))
         assert statuses == [200] * 40
+        await asyncio.sleep(METRICS_FLUSH_SECONDS + 0.5)  # every worker has handed over its counts
         scrapes = []
         for _ in range(4):
             async with session.get(f"http://127.0.0.1:{bridge.port}/metrics") as response:

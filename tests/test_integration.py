@@ -213,7 +213,7 @@ async def test_bridge_does_not_create_a_missing_exchange_when_told_not_to(
 async def test_requests_beyond_the_in_flight_limit_wait_their_turn(
     aiohttp_client: AiohttpClient, broker: Broker, signer: Signer
 ) -> None:
-    settings = make_settings(signer, max_publishes_in_flight=1)
+    settings = make_settings(signer, max_publishes_in_flight=1, min_publishes_in_flight=1)
     broker.forget_topology(Topology.from_settings(settings))
     client = await ready_client(aiohttp_client, settings)
     queue = await broker.bind_queue(settings.exchange, "#")
