@@ -256,6 +256,18 @@ async def test_in_process_store_is_bounded_in_ids(results: Counter[DedupResult])
     assert await dedup.once("wh_3", Action()) is None
 
 
+async def test_a_full_in_process_store_forgets_its_oldest_eighth_at_once() -> None:
+    store = InProcessStore(window_seconds=600, max_ids=800, clock=FakeClock())
+    keys = [f"wh_{number}" for number in range(2000)]
+    for key in keys:
+        await store.confirm(Claim(key, ClaimState.NEW))
+        assert len(store) <= 800
+    assert len(store) >= 700
+    remembered = [(await store.claim(key)).state is ClaimState.CONFIRMED for key in keys]
+    assert all(remembered[-700:])
+    assert not any(remembered[:1200])
+
+
 async def test_in_process_store_with_window_zero_remembers_nothing(
     results: Counter[DedupResult],
 ) -> None:
