@@ -10,9 +10,10 @@ the benchmark's p99 doubled without a limit). Waiting here, in order, is fairer.
 
 So the limit follows the confirm latency, as the gradient limiter of Netflix's
 concurrency-limits does. Each epoch (a tenth of a second, and 32 confirms at least)
-compares the mean time a publish held its slot with a baseline: the lowest epoch mean
-seen, which creeps up by 2 % a second so that a broker that became slower for good
-(a failover to a farther node) is accepted within half a minute. While an epoch is
+compares the mean time a publish held its slot with a baseline: the lowest mean of an
+epoch in which the limit held publishes back (a lone publish's latency is no measure of
+a busy broker's), which creeps up by 2 % a second so that a broker that became slower
+for good (a failover to a farther node) is accepted within half a minute. While an epoch is
 within ``TOLERANCE`` times the baseline the limit grows by about its square root;
 beyond, it shrinks in proportion, by at most half per epoch. Through more publishes
 in flight a classic queue gets faster overall while each confirm takes longer, so
@@ -151,12 +152,14 @@ class AdaptiveLimit:
         self._epoch_confirms = 0
         self._epoch_held = 0.0
         self._epoch_bound = False
+        if not bound or mean <= 0:
+            return
+        # Only epochs the limit held back say what the broker does under load: below it,
+        # a lone publish's latency would set a baseline no busy broker ever meets.
         baseline = mean
         if self._baseline is not None:
             baseline = min(mean, self._baseline * (1 + BASELINE_CREEP_PER_SECOND * elapsed))
         self._baseline = baseline
-        if not bound or mean <= 0:
-            return
         gradient = max(MAX_DECREASE, min(1.0, TOLERANCE * baseline / mean))
         verdict = self._estimate * gradient + self._estimate**0.5
         self._set(self._estimate * (1 - SMOOTHING) + verdict * SMOOTHING)

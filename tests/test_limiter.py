@@ -187,3 +187,12 @@ async def test_a_cancelled_waiter_in_line_is_not_served() -> None:
     limit.release(None)
     await second
     assert limit.in_flight == 1
+
+
+def test_a_quiet_spell_does_not_make_a_busy_broker_look_slow() -> None:
+    clock = FakeClock()
+    limit = limit_with(clock)
+    busy = saturated(8000, 0.004)  # a quorum queue: its confirms batch, 4 ms at least
+    settled = run_epochs(limit, clock, busy, epochs=100, demand=256)[-1]
+    run_epochs(limit, clock, lambda _in_flight: 0.0005, epochs=100, demand=1)
+    assert min(run_epochs(limit, clock, busy, epochs=100, demand=256)) >= settled * 0.7
