@@ -131,7 +131,11 @@ class Ingress:
             raise Rejection(413, RequestOutcome.TOO_LARGE, f"body of {declared} bytes over {limit}")
         try:
             if request.content.is_eof():
-                return await request.read()  # already received whole: nothing to time out
+                # Received whole already: nothing to wait for, so nothing to time out.
+                body = request.content.read_nowait()
+                if len(body) > limit:
+                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+                return body
             async with asyncio.timeout(self.settings.body_timeout):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
