@@ -134,7 +134,7 @@ class Ingress:
                 # Received whole already: nothing to wait for, so nothing to time out.
                 body = request.content.read_nowait()
                 if len(body) > limit:
-                    raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+                    raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes")
                 return body
             async with asyncio.timeout(self.settings.body_timeout):
                 return await request.read()
