@@ -12,7 +12,6 @@ the confirm, waking the request) does not, because it depends on the broker's ti
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from bench.serving import serve
 from bridge.app import create_app
 from bridge.frames import FRAME_OVERHEAD
 from bridge.publisher import Outcome, OutgoingMessage
+from bridge.server import tune_garbage_collection
 from bridge.settings import load_settings
 
 FRAME_MAX = 131072
@@ -57,8 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level="WARNING",
     )
     app = create_app(settings, ImmediateConfirmPublisher())
-    # As bridge.server does once started: start-up objects are never collected.
-    gc.freeze()
+    tune_garbage_collection()  # as bridge.server does once started
     return serve(app, args.host, args.port)
 
 

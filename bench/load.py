@@ -113,16 +113,19 @@ async def run_wrk(
     threads: int,
     duration_s: int,
     request_prefix: Path,
-    pause_ms: float | None = None,
+    paced_rate: float | None = None,
 ) -> LoadResult:
     """Run wrk over the request files ``<request_prefix>.1 .. .<threads>``.
 
-    With ``pause_ms``, each connection waits that long after an answer before its next
-    request (``bench/wrk_paced.lua``); otherwise it sends as fast as answers come.
+    With ``paced_rate``, wrk sends that many requests per second in all, each thread
+    on a schedule that catches up after slow answers (``bench/wrk_paced.lua``);
+    otherwise each connection sends as fast as answers come.
     """
     script, script_arguments = LUA_SCRIPT, [str(request_prefix)]
-    if pause_ms is not None:
-        script, script_arguments = PACED_LUA_SCRIPT, [*script_arguments, f"{pause_ms:.3f}"]
+    if paced_rate is not None:
+        thread_interval_ms = threads * 1000 / paced_rate
+        script = PACED_LUA_SCRIPT
+        script_arguments = [*script_arguments, f"{thread_interval_ms:.4f}"]
     executable = wrk_path()
     if executable is None:
         raise LoadError("wrk is not installed (Debian: apt-get install -y wrk)")

@@ -73,6 +73,8 @@ class Row:
     """The same for the whole machine: what is left after the server and the broker is wrk,
     the harness and anything else running."""
     problems: list[str] = field(default_factory=list)
+    publish_limits: tuple[int, int] | None = None
+    """For bridge rows: the lowest and highest adaptive in-flight limit seen in the point."""
     detail: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -263,8 +265,10 @@ class Report:
             "## Results",
             "",
             "| server | conns | req/s | p50 ms | p99 ms | peak RSS MB "
-            "| server CPU | CPU us/req | broker CPU | machine CPU | requests | gate |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            "| server CPU | CPU us/req | broker CPU | machine CPU | requests | publish limit "
+            "| gate |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+            "| --- |",
         ]
         for row in self.rows:
             rss = f"{row.peak_rss_mb:.1f}" if row.peak_rss_mb is not None else "-"
@@ -276,7 +280,7 @@ class Report:
                 f"| {LABELS.get(row.server, row.server)} | {row.connections} | {row.rps:,.0f} "
                 f"| {row.p50_ms:.2f} | {row.p99_ms:.2f} | {rss} | {row.server_cores:.2f} "
                 f"| {per_request} | {broker} | {row.machine_cores:.2f} | {row.completed:,} "
-                f"| {gate} |"
+                f"| {_limit_range(row.publish_limits)} | {gate} |"
             )
         lines += ["", "## Ratios", "", *self.ratio_lines(), "", "## Targets", ""]
         lines += [f"- **{t.verdict}** {t.name}: {t.detail}" for t in self.targets()]
@@ -317,6 +321,7 @@ def median_row(rows: Sequence[Row]) -> Row:
         return first
     peaks = [row.peak_rss_mb for row in rows if row.peak_rss_mb is not None]
     brokers = [row.broker_cores for row in rows if row.broker_cores is not None]
+    limits = [row.publish_limits for row in rows if row.publish_limits is not None]
     return Row(
         server=first.server,
         connections=first.connections,
@@ -333,8 +338,18 @@ def median_row(rows: Sequence[Row]) -> Row:
             for number, row in enumerate(rows, start=1)
             for problem in row.problems
         ],
+        publish_limits=(
+            (min(low for low, _ in limits), max(high for _, high in limits)) if limits else None
+        ),
         detail={"rounds": [asdict(row) for row in rows]},
     )
+
+
+def _limit_range(limits: tuple[int, int] | None) -> str:
+    if limits is None:
+        return "-"
+    low, high = limits
+    return str(low) if low == high else f"{low}-{high}"
 
 
 def _ratio(value: float | None, base: float | None) -> str:

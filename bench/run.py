@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -38,6 +39,7 @@ from bench.processes import (
     machine_cpu_seconds,
 )
 from bench.profiling import ProfilerUnavailable, ProfileSummary, record, summarise_collapsed
+from bench.publish_limit import watch_publish_limit
 from bench.relay import (
     RelayFailed,
     RelayProcess,
@@ -60,7 +62,7 @@ from bench.report import (
     machine_info,
     median_row,
 )
-from bench.servers import ROOT, Launch, UnderTest, WorkersUnsupported, prepare
+from bench.servers import BRIDGES, ROOT, Launch, UnderTest, WorkersUnsupported, prepare
 from bench.signed_requests import RequestFactory, new_secret
 
 DEFAULT_RESULTS = ROOT / "bench" / "results"
@@ -161,6 +163,8 @@ class Measured:
     broker_cpu_s: float | None
     machine_cpu_s: float
     problems: list[str]
+    publish_limits: tuple[int, int] | None = None
+    """The lowest and highest in-flight limit a bridge reported during the point."""
 
 
 async def _drive(
@@ -169,11 +173,12 @@ async def _drive(
     connections: int,
     duration_s: int,
     rate: float,
-    pause_ms: float | None = None,
+    paced: bool = False,
 ) -> Measured:
     """One wrk run over freshly signed requests, then the broker-side checks.
 
-    ``pause_ms`` paces each connection (see :func:`bench.load.run_wrk`).
+    ``paced`` sends at ``rate`` (see :func:`bench.load.run_wrk`) instead of only sizing
+    the pool of requests for it.
     """
     threads = context.plan.wrk_threads(connections)
     pool = _pool_size(rate, duration_s, threads)
@@ -183,15 +188,27 @@ async def _drive(
         prefix = Path(directory) / "requests"
         context.factory.write_slices(prefix, pool, threads, server.host_header)
         server.reset_peak_rss()
-        before = cpu_seconds(server.pids()), cpu_seconds(broker), machine_cpu_seconds()
-        result = await run_wrk(
-            server.url,
-            connections=connections,
-            threads=threads,
-            duration_s=duration_s,
-            request_prefix=prefix,
-            pause_ms=pause_ms,
+        limits: list[int] = []
+        watcher = (
+            asyncio.create_task(watch_publish_limit(f"http://{server.host_header}/metrics", limits))
+            if target.key in BRIDGES
+            else None
         )
+        before = cpu_seconds(server.pids()), cpu_seconds(broker), machine_cpu_seconds()
+        try:
+            result = await run_wrk(
+                server.url,
+                connections=connections,
+                threads=threads,
+                duration_s=duration_s,
+                request_prefix=prefix,
+                paced_rate=rate if paced else None,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
         after = cpu_seconds(server.pids()), cpu_seconds(broker), machine_cpu_seconds()
         peak_rss = server.peak_rss_mb()
     problems = result.problems()
@@ -221,6 +238,7 @@ async def _drive(
         broker_cpu_s=after[1] - before[1] if broker else None,
         machine_cpu_s=after[2] - before[2],
         problems=problems,
+        publish_limits=(min(limits), max(limits)) if limits else None,
     )
 
 
@@ -255,6 +273,7 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
         ),
         machine_cores=measured.machine_cpu_s / seconds,
         problems=measured.problems,
+        publish_limits=measured.publish_limits,
         detail=asdict(result),
     )
 

@@ -22,9 +22,9 @@ from bench.report import (
 ROOT = Path(__file__).resolve().parent.parent
 BRIDGES = (BRIDGE, BRIDGE_WORKERS, BRIDGE_REDIS, BRIDGE_ARCHIVE, BRIDGE_FIXED_LIMIT)
 ARCHIVE_MAX_AGE = "1h"
+"""The archive row's retention: the run's stream is deleted afterwards anyway."""
 FIXED_IN_FLIGHT_LIMIT = 32
 """The fixed limit the bridge had before it adapted: the comparison row `bridge-fixed32`."""
-"""The archive row's retention: the run's stream is deleted afterwards anyway."""
 REDIS_DEDUP_WINDOW_S = 120
 """Short, so that the shared Redis drops the run's keys soon after; TTLs cost nothing."""
 

@@ -110,7 +110,6 @@ class Interval:
     ended_s: float
     """Since the soak's start."""
     target_rate: float
-    pause_ms: float
     rps: float
     p50_ms: float
     p99_ms: float
@@ -336,11 +335,6 @@ async def _fetch(url: str) -> str:
         return await response.text()
 
 
-def _pause_ms(connections: int, rate: float, mean_latency_ms: float) -> float:
-    """Each connection's pause for ``connections`` to send ``rate`` requests per second."""
-    return max(0.0, connections * 1000 / rate - mean_latency_ms)
-
-
 class Soak:
     def __init__(self, plan: SoakPlan, context: Context, target: UnderTest, probe_file: Path):
         self.plan = plan
@@ -350,14 +344,12 @@ class Soak:
         self.dedup_bound = DeduplicationBound.of_defaults(context.launch.secret)
         self.issued = 0
 
-    async def drive(
-        self, connections: int, seconds: int, rate: float, pause: float | None
-    ) -> Measured:
-        measured = await _drive(self.context, self.target, connections, seconds, rate, pause)
+    async def drive(self, connections: int, seconds: int, rate: float, *, paced: bool) -> Measured:
+        measured = await _drive(self.context, self.target, connections, seconds, rate, paced)
         self.issued += measured.result.issued
         return measured
 
-    async def interval(self, started: float, rate: float, pause: float) -> Interval:
+    async def interval(self, started: float, rate: float) -> Interval:
         samples = Samples()
 
         def elapsed() -> str:
@@ -367,7 +359,9 @@ class Soak:
             _sample(self.target.server, self.probe_file, samples, elapsed)
         )
         try:
-            measured = await self.drive(self.plan.connections, self.plan.interval_s, rate, pause)
+            measured = await self.drive(
+                self.plan.connections, self.plan.interval_s, rate, paced=True
+            )
         finally:
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -378,7 +372,6 @@ class Soak:
         return Interval(
             ended_s=round(time.monotonic() - started, 1),
             target_rate=rate,
-            pause_ms=round(pause, 3),
             rps=result.rps,
             p50_ms=result.p50_ms,
             p99_ms=result.p99_ms,
@@ -470,7 +463,9 @@ async def soak(plan: SoakPlan) -> SoakReport:
 async def _run_intervals(plan: SoakPlan, report: SoakReport, runner: Soak) -> None:
     if plan.rate is None:
         print(f"== maximum: {MAX_RATE_SECONDS} s at {MAX_RATE_CONNECTIONS} connections", flush=True)
-        measured = await runner.drive(MAX_RATE_CONNECTIONS, MAX_RATE_SECONDS, RATE_GUESS, None)
+        measured = await runner.drive(
+            MAX_RATE_CONNECTIONS, MAX_RATE_SECONDS, RATE_GUESS, paced=False
+        )
         if measured.problems:
             report.failures.append(f"maximum-rate run: {'; '.join(measured.problems)}")
         report.max_rate = measured.result.rps
@@ -494,17 +489,11 @@ async def _run_intervals(plan: SoakPlan, report: SoakReport, runner: Soak) -> No
         _scrape(f"http://{runner.target.server.host_header}/metrics", report, scraped)
     )
     started = time.monotonic()
-    mean_latency_ms = 1.0  # a first guess, corrected after each interval
     try:
         while time.monotonic() - started < plan.duration_s:
-            pause = _pause_ms(plan.connections, report.target_rate, mean_latency_ms)
-            interval = await runner.interval(started, report.target_rate, pause)
+            interval = await runner.interval(started, report.target_rate)
             report.intervals.append(interval)
             _print_interval(interval, report.warmup_s)
-            if interval.rps > 0:
-                # Each connection's cycle is its pause plus the rest: latency and wrk's own
-                # time. The next pause makes up for the rest the last interval measured.
-                mean_latency_ms = max(0.0, plan.connections * 1000 / interval.rps - pause)
     finally:
         scraper.cancel()
         with contextlib.suppress(asyncio.CancelledError):

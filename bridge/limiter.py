@@ -10,10 +10,12 @@ the benchmark's p99 doubled without a limit). Waiting here, in order, is fairer.
 
 So the limit follows the confirm latency, as the gradient limiter of Netflix's
 concurrency-limits does. Each epoch (a tenth of a second, and 32 confirms at least)
-compares the mean time a publish held its slot with a baseline: the lowest mean of an
-epoch in which the limit held publishes back (a lone publish's latency is no measure of
-a busy broker's), which creeps up by 2 % a second so that a broker that became slower
-for good (a failover to a farther node) is accepted within half a minute. While an epoch is
+compares the mean time a publish held its slot with a baseline: the lowest mean over
+``BASELINE_EPOCHS`` consecutive epochs in which the limit held publishes back (a lone
+publish's latency is no measure of a busy broker's, and one lucky epoch of a quorum
+queue's batched confirms no measure of its usual pace), which creeps up by 2 % a second
+so that a broker that became slower for good (a failover to a farther node) is accepted
+within half a minute. While an epoch is
 within ``TOLERANCE`` times the baseline the limit grows by about its square root;
 beyond, it shrinks in proportion, by at most half per epoch. Through more publishes
 in flight a classic queue gets faster overall while each confirm takes longer, so
@@ -40,6 +42,8 @@ SMOOTHING = 0.2
 MAX_DECREASE = 0.5
 """The most one epoch's verdict takes off: half the limit."""
 BASELINE_CREEP_PER_SECOND = 0.02
+BASELINE_EPOCHS = 5
+"""The baseline is taken from this many bound epochs together (half a second at least)."""
 EPOCH_SECONDS = 0.1
 EPOCH_CONFIRMS = 32
 """An epoch closes once it is this long and holds this many confirms, whichever is later."""
@@ -79,6 +83,7 @@ class AdaptiveLimit:
         self._epoch_held = 0.0
         self._epoch_bound = False
         self._baseline: float | None = None
+        self._recent_means: deque[float] = deque(maxlen=BASELINE_EPOCHS)
         on_change(self._limit)
 
     @property
@@ -156,9 +161,13 @@ class AdaptiveLimit:
             return
         # Only epochs the limit held back say what the broker does under load: below it,
         # a lone publish's latency would set a baseline no busy broker ever meets.
-        baseline = mean
-        if self._baseline is not None:
-            baseline = min(mean, self._baseline * (1 + BASELINE_CREEP_PER_SECOND * elapsed))
+        recent = self._recent_means
+        recent.append(mean)
+        recent_mean = sum(recent) / len(recent)
+        if self._baseline is None or len(recent) < BASELINE_EPOCHS:
+            baseline = recent_mean
+        else:
+            baseline = min(recent_mean, self._baseline * (1 + BASELINE_CREEP_PER_SECOND * elapsed))
         self._baseline = baseline
         gradient = max(MAX_DECREASE, min(1.0, TOLERANCE * baseline / mean))
         verdict = self._estimate * gradient + self._estimate**0.5

@@ -41,6 +41,15 @@ KILL_GRACE_SECONDS = 10.0
 EXIT_BROKER_NEEDS_OPERATOR = 2
 FIXED_SECRETS = SecretSource("the settings")
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+YOUNG_COLLECTION_THRESHOLD = 20_000
+"""Net new container objects before the cycle collector runs (CPython's default: 700).
+
+Requests in flight hold a few hundred objects each, so at the default every few requests
+set off a collection that walks all of them again, and promoted them to the older
+generations to be walked again there: 2,300 collections, 5 % of the process's CPU, in
+a 10 s run at 64 connections. Objects a request frees do not count, so at this threshold
+the collector runs only when cycles (an exception's traceback) really accumulate.
+"""
 
 
 def run(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -67,8 +76,7 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
         shutdown_timeout=settings.drain_timeout,
     )
     await runner.setup()
-    # Start-up objects live as long as the process: keep collections from scanning them.
-    gc.freeze()
+    tune_garbage_collection()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024
     )
@@ -101,6 +109,12 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
     await runner.cleanup()
     logger.info("stopped")
     return EXIT_BROKER_NEEDS_OPERATOR if broker_failed.is_set() else 0
+
+
+def tune_garbage_collection() -> None:
+    """Once started: never scan the start-up objects, and collect only for real cycles."""
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _first_of(*events: asyncio.Event) -> None:

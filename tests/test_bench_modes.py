@@ -60,7 +60,7 @@ def test_the_warm_up_lasts_until_the_deduplication_store_is_full() -> None:
 
 def interval(at: float, *, rss: float = 60.0, fds: int = 16, tasks: int = 10) -> Interval:
     return Interval(
-        ended_s=at, target_rate=100, pause_ms=300, rps=100, p50_ms=2, p99_ms=5, max_ms=9,
+        ended_s=at, target_rate=100, rps=100, p50_ms=2, p99_ms=5, max_ms=9,
         rss_mb=rss, peak_rss_mb=rss + 1, open_descriptors=fds, tasks=tasks,
         descriptors_max=fds + 32, tasks_max=tasks + 32, server_cores=0.1, problems=[],
     )  # fmt: skip

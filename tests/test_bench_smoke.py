@@ -5,6 +5,7 @@ Nothing here measures speed; it checks that what the benchmark measures is sound
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections import Counter
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from bench.broker import BrokerProbe, unique_name
 from bench.load import LUA_SCRIPT, parse_output, run_wrk, wrk_path
@@ -154,3 +156,45 @@ async def test_wrk_replays_each_request_once_and_every_one_arrives(
     # Running out of requests early is allowed here; sending one twice never is.
     assert result.problems() == []
     assert await probe.settled_count(queue, result.issued) == result.issued
+
+
+@pytest.mark.skipif(wrk_path() is None, reason="wrk is not installed")
+async def test_paced_wrk_catches_up_after_a_stall(tmp_path: Path) -> None:
+    stalled_until = 0.0
+
+    async def answer(request: web.Request) -> web.Response:
+        nonlocal stalled_until
+        await request.read()
+        loop = asyncio.get_running_loop()
+        if not stalled_until:
+            stalled_until = loop.time() + 1.0
+        if loop.time() < stalled_until:
+            await asyncio.sleep(stalled_until - loop.time())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/webhooks/openai", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        RequestFactory(new_secret()).write_slices(
+            tmp_path / "requests", 3000, 2, f"127.0.0.1:{port}"
+        )
+        rate = 300
+        result = await run_wrk(
+            f"http://127.0.0.1:{port}/webhooks/openai",
+            connections=8,
+            threads=2,
+            duration_s=4,
+            request_prefix=tmp_path / "requests",
+            paced_rate=rate,
+        )
+    finally:
+        await runner.cleanup()
+    # The first second answers nothing; the schedule makes it up in the next three
+    # (pausing after each answer instead would have sent about three quarters).
+    assert result.problems() == []
+    assert result.completed >= 0.9 * rate * 4
+    assert result.completed <= 1.1 * rate * 4

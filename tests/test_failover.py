@@ -11,8 +11,20 @@ import pytest
 from yarl import URL
 
 from bridge.consumer import connect_to_a_node
-from bridge.publisher import AmqpPublisher, BrokerNodes, _within, node_address
+from bridge.events import classify
+from bridge.publisher import (
+    AmqpPublisher,
+    BrokerNodes,
+    BrokerUnavailable,
+    Outcome,
+    OutgoingMessage,
+    _within,
+    node_address,
+    route,
+)
+from bridge.samples import sample_body
 from bridge.settings import Settings
+from bridge.signature import WebhookHeaders
 from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, make_settings, unique_name
 
 NODES = [URL(f"amqp://bridge:pw@rabbit-{index}:5672/") for index in range(3)]
@@ -116,3 +128,39 @@ async def test_consumers_take_the_first_node_of_the_list_that_answers() -> None:
         assert connection.url.port == 5672
     with pytest.raises(ConnectionError):
         await connect_to_a_node(dead, aio_pika.connect, attempt_seconds=5)
+
+
+@pytest.mark.broker
+async def test_a_channel_the_broker_closes_fails_its_publishes_at_once(
+    signer: Signer, broker: Broker
+) -> None:
+    settings = make_settings(signer, publish_timeout=10.0)
+    publisher = AmqpPublisher(settings)
+    broker.forget_topology(publisher.topology)
+    body = sample_body("batch.completed")
+    headers = WebhookHeaders.from_mapping(signer.headers(body))
+
+    def message(exchange: str) -> OutgoingMessage:
+        outgoing = route(publisher.topology, headers, body, classify(body))
+        outgoing.exchange = exchange
+        return outgoing
+
+    await publisher.start()
+    try:
+        async with asyncio.timeout(20):
+            while not publisher.ready:
+                await asyncio.sleep(0.05)
+        queue = await broker.bind_queue(settings.exchange, "#")
+        started = asyncio.get_running_loop().time()
+        # An exchange that does not exist: the broker closes the channel (404).
+        with pytest.raises(BrokerUnavailable):
+            await publisher.publish(message(unique_name("test.missing")))
+        assert asyncio.get_running_loop().time() - started < 2.0, "failed at the deadline only"
+        async with asyncio.timeout(20):
+            while not publisher.ready:
+                await asyncio.sleep(0.05)
+        assert await publisher.publish(message(settings.exchange)) is Outcome.PUBLISHED
+    finally:
+        await publisher.close()
+    delivered = await broker.drain(queue)
+    assert [m.body for m in delivered] == [body]

@@ -182,6 +182,37 @@ async def test_a_ten_mebibyte_chunked_body_is_cut_off_at_the_limit(
     assert fake_publisher.published == []
 
 
+async def test_a_chunked_body_over_the_limit_received_whole_is_413(
+    signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    # Headers and every chunk in one write: the body is complete before the handler
+    # runs, so it is taken from the buffer at once, and its size checked there.
+    app = create_app(make_settings(signer, max_body_bytes=1024), fake_publisher)
+    small_server = TestServer(app, host="127.0.0.1")
+    await small_server.start_server()
+    try:
+        body = sample_body("batch.completed").ljust(2048)
+        headers = {name: value.encode() for name, value in signer.headers(body).items()}
+        head = b"".join(
+            [
+                f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n".encode(),
+                b"Transfer-Encoding: chunked\r\n",
+                *(name.encode() + b": " + value + b"\r\n" for name, value in headers.items()),
+                b"\r\n",
+            ]
+        )
+        chunked = b"".join(b"%x\r\n%s\r\n" % (256, body[i : i + 256]) for i in range(0, 2048, 256))
+        status, rest = await exchange(small_server.port or 0, head, chunked + b"0\r\n\r\n")
+    finally:
+        await small_server.close()
+    assert status == 413
+    assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {
+        "error": "too_large",
+        "detail": "body over 1024 bytes",
+    }
+    assert fake_publisher.published == []
+
+
 async def test_a_slow_body_is_timed_out_while_others_are_served(
     signer: Signer, fake_publisher: FakePublisher
 ) -> None:
