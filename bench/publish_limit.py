@@ -30,6 +30,6 @@ async def watch_publish_limit(metrics_url: str, seen: list[int]) -> None:
                     value = gauge_value(await response.text(), PUBLISH_LIMIT_GAUGE)
                 if value is not None:
                     seen.append(int(value))
-            except (aiohttp.ClientError, TimeoutError):
-                pass  # a busy server's late answer is no reason to fail the point
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                pass  # a busy server's late or cut-off answer is no reason to fail the point
             await asyncio.sleep(SAMPLE_EVERY_S)

@@ -11,7 +11,7 @@ the benchmark's p99 doubled without a limit). Waiting here, in order, is fairer.
 So the limit follows the confirm latency, as the gradient limiter of Netflix's
 concurrency-limits does. Each epoch (a tenth of a second, and 32 confirms at least)
 compares the mean time a publish held its slot with a baseline: the lowest mean over
-``BASELINE_EPOCHS`` consecutive epochs in which the limit held publishes back (a lone
+the last ``BASELINE_EPOCHS`` epochs in which the limit held publishes back (a lone
 publish's latency is no measure of a busy broker's, and one lucky epoch of a quorum
 queue's batched confirms no measure of its usual pace), which creeps up by 2 % a second
 so that a broker that became slower for good (a failover to a farther node) is accepted

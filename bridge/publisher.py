@@ -367,7 +367,7 @@ class AmqpPublisher:
         # the channel's closing cancels what it still owes, through the set below.
         channel.delivery_tag += 1
         delivery_tag = channel.delivery_tag
-        confirmation = channel.loop.create_future()
+        confirmation = _Confirmation(loop=channel.loop)
         awaiting = self._awaiting_confirms
         awaiting.add(confirmation)
         channel.confirmations[delivery_tag] = confirmation
@@ -383,7 +383,7 @@ class AmqpPublisher:
             task = asyncio.current_task()
             if not confirmation.cancelled() or (task is not None and task.cancelling()):
                 raise
-            if loop.time() >= deadline:
+            if loop.time() >= deadline and not channel.is_closed:
                 raise TimeoutError from None
             raise BrokerUnavailable("the publishing channel closed") from None
         finally:
@@ -629,6 +629,24 @@ async def _within(seconds: float, work: Awaitable[T]) -> T:
         # caller being cancelled, and must not end the caller.
         raise ConnectionError("the connection closed during the call")
     return task.result()
+
+
+class _Confirmation(asyncio.Future[Any]):
+    """A publish's confirmation, which an answer coming after it was given up leaves alone.
+
+    aiormq's reader settles it on an ack, a nack or a basic.return without asking whether
+    it is still pending. One given up (its deadline passed, or its request was cancelled)
+    a loop turn before a return for it was read would otherwise raise InvalidStateError
+    in that reader, and close the channel under every other publish in flight.
+    """
+
+    def set_result(self, result: Any) -> None:
+        if not self.done():
+            super().set_result(result)
+
+    def set_exception(self, exception: type | BaseException) -> None:
+        if not self.done():
+            super().set_exception(exception)
 
 
 def _cancel_all(futures: set[asyncio.Future[Any]]) -> None:

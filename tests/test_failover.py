@@ -7,6 +7,7 @@ import random
 from collections.abc import Callable
 
 import aio_pika
+import aiormq
 import pytest
 from yarl import URL
 
@@ -18,6 +19,7 @@ from bridge.publisher import (
     BrokerUnavailable,
     Outcome,
     OutgoingMessage,
+    _Confirmation,
     _within,
     node_address,
     route,
@@ -164,3 +166,13 @@ async def test_a_channel_the_broker_closes_fails_its_publishes_at_once(
         await publisher.close()
     delivered = await broker.drain(queue)
     assert [m.body for m in delivered] == [body]
+
+
+async def test_an_answer_to_a_confirmation_given_up_is_ignored() -> None:
+    # aiormq's reader settles confirmations without asking whether they still wait:
+    # a return read just after the deadline must not raise in it (and close the channel).
+    confirmation = _Confirmation(loop=asyncio.get_running_loop())
+    confirmation.cancel()
+    confirmation.set_exception(aiormq.exceptions.ChannelInvalidStateError("returned"))
+    confirmation.set_result(None)
+    assert confirmation.cancelled()
