@@ -356,11 +356,11 @@ class AmqpPublisher:
     ) -> None:
         """Publish on ``channel`` and wait for the broker's ack (aiormq raises on nack/return)
         until ``deadline``, then raise TimeoutError."""
+        if channel is not self._amqp_channel or channel.is_closed:
+            raise BrokerUnavailable("the publishing channel closed")
         frames = message.frames(
             channel=channel.number, max_body_frame_size=channel.max_content_size, exchange=exchange
         )
-        if channel is not self._amqp_channel or channel.is_closed:
-            raise BrokerUnavailable("the publishing channel closed")
         # The same bookkeeping as aiormq's basic_publish: its frame reader resolves
         # confirmations by delivery tag, and returned messages by message_id. The future
         # is a plain one, not aiormq's (which costs three callbacks per publish to track):

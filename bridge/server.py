@@ -47,7 +47,7 @@ YOUNG_COLLECTION_THRESHOLD = 20_000
 Requests in flight hold a few hundred objects each, so at the default every few requests
 set off a collection that walks all of them again, and promoted them to the older
 generations to be walked again there: 2,300 collections, 5 % of the process's CPU, in
-a 10 s run at 64 connections. Objects a request frees do not count, so at this threshold
+an 11 s run at 64 connections. Objects a request frees do not count, so at this threshold
 the collector runs only when cycles (an exception's traceback) really accumulate.
 """
 

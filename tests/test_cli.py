@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 
 from bridge.app import METRICS_FLUSH_SECONDS
 from bridge.samples import sample_body
+from bridge.server import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
 from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer
 
 
@@ -164,3 +166,14 @@ async def test_workers_stop_when_their_supervisor_is_killed(
             os.kill(pid, signal.SIGKILL)
     log = bridge.log_path.read_text()
     assert log.count('"message": "stopped"') == 2, "each worker drained and exited cleanly"
+
+
+def test_once_started_the_collector_waits_for_real_cycles() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collection()
+        assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *before[1:])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
