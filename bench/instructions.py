@@ -29,7 +29,9 @@ from bench.processes import (
     Server,
     ServerFailed,
     clean_environment,
+    communicate_or_kill,
     free_port,
+    run_until_terminated,
     start_server,
 )
 from bench.report import HTTP_CEILING, machine_info
@@ -128,7 +130,7 @@ async def _callgrind_control(pid: int, *arguments: str) -> None:
         stderr=asyncio.subprocess.STDOUT,
     )
     async with asyncio.timeout(REQUEST_TIMEOUT_S):
-        output, _ = await process.communicate()
+        output, _ = await communicate_or_kill(process)
     if process.returncode != 0 or b"OK" not in output:
         raise ServerFailed(f"callgrind_control {' '.join(arguments)} failed: {output.decode()}")
 
@@ -237,7 +239,7 @@ async def count_instructions(requests: int, warmup: int, results_dir: Path) -> I
 def run_instructions(requests: int, warmup: int, results_dir: Path) -> int:
     """The ``--instructions`` mode: 0 when counted, 2 when callgrind or a server failed."""
     try:
-        report = asyncio.run(count_instructions(requests, warmup, results_dir))
+        report = run_until_terminated(count_instructions(requests, warmup, results_dir))
     except (CallgrindUnavailable, ServerFailed, OSError) as error:
         print(f"instructions could not be counted: {error}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.processes import communicate_or_kill
+
 LUA_SCRIPT = Path(__file__).with_name("wrk.lua")
 PACED_LUA_SCRIPT = Path(__file__).with_name("wrk_paced.lua")
 RESULT_MARKER = "BENCH_RESULT "
@@ -142,7 +144,7 @@ async def run_wrk(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await process.communicate()
+    stdout, stderr = await communicate_or_kill(process)
     if process.returncode != 0:
         raise LoadError(f"wrk exited with {process.returncode}: {stderr.decode(errors='replace')}")
     return parse_output(stdout.decode(errors="replace"), connections, threads)

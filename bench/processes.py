@@ -9,9 +9,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -21,10 +22,54 @@ HOST = "127.0.0.1"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
+T = TypeVar("T")
 
 
 class ServerFailed(RuntimeError):
     """A server did not start, or not as asked."""
+
+
+def run_until_terminated(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, with SIGTERM ending ``main`` as Ctrl-C does: cancelled, so
+    that its own clean-up stops the servers and tools it started instead of leaving them
+    running. Then the process exits with 130 or 143, as one ended by the signal would."""
+    terminated = False
+
+    async def cancelled_on_sigterm() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def terminate() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminate)
+        return await main
+
+    try:
+        return asyncio.run(cancelled_on_sigterm())
+    except KeyboardInterrupt:
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except asyncio.CancelledError:
+        if terminated:
+            raise SystemExit(EXIT_TERMINATED) from None
+        raise
+
+
+async def communicate_or_kill(process: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """``process.communicate()``; a caller cancelled or timed out kills the process first,
+    so that no wrk or profiler outlives the run that started it."""
+    try:
+        stdout, stderr = await process.communicate()
+    except BaseException:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
+    return stdout or b"", stderr or b""
 
 
 def free_port() -> int:

@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.processes import communicate_or_kill
+
 SAMPLE_RATE = 200
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
@@ -44,7 +46,7 @@ async def record(pid: int, duration_s: int, output: Path, output_format: str) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    stdout, _ = await process.communicate()
+    stdout, _ = await communicate_or_kill(process)
     if process.returncode != 0:
         raise ProfilerUnavailable(
             f"py-spy exited with {process.returncode}: {stdout.decode(errors='replace')}"

@@ -33,10 +33,12 @@ from bench.load import LoadError, LoadResult, run_wrk, wrk_path
 from bench.processes import (
     ServerFailed,
     clean_environment,
+    communicate_or_kill,
     cpu_seconds,
     find_broker_pid,
     machine_busy_cores,
     machine_cpu_seconds,
+    run_until_terminated,
 )
 from bench.profiling import ProfilerUnavailable, ProfileSummary, record, summarise_collapsed
 from bench.publish_limit import watch_publish_limit
@@ -293,7 +295,7 @@ async def _confirm_loop_point(context: Context, in_flight: int) -> Row | None:
         cwd=ROOT, env=clean_environment(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    stdout, stderr = await process.communicate()
+    stdout, stderr = await communicate_or_kill(process)
     # Warm-up included: the loop's phases are not visible from here.
     elapsed = time.monotonic() - before[2]
     broker_cores = (cpu_seconds(broker) - before[0]) / elapsed
@@ -712,7 +714,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_soak(soak_plan_from(args, parser))
     plan = plan_from(args)
-    try:
-        return asyncio.run(run(plan))
-    except KeyboardInterrupt:
-        return 130
+    return run_until_terminated(run(plan))

@@ -43,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.broker import BrokerProbe
 from bench.load import LoadError, wrk_path
-from bench.processes import Server, ServerFailed
+from bench.processes import Server, ServerFailed, run_until_terminated
 from bench.report import BRIDGE, Report, Target, machine_info
 from bench.results import write_results
 from bench.run import RATE_GUESS, Context, Measured, Plan, _drive
@@ -505,7 +505,7 @@ def run_soak(plan: SoakPlan) -> int:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
         return EXIT_SETUP
     try:
-        report = asyncio.run(soak(plan))
+        report = run_until_terminated(soak(plan))
     except (ServerFailed, LoadError, ConnectionError, OSError) as error:
         print(f"soak could not run: {error}", file=sys.stderr)
         return EXIT_SETUP

@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from bench.load import wrk_path
+from bench.processes import EXIT_INTERRUPTED, EXIT_TERMINATED, descendants
 from bench.soak import (
     DeduplicationBound,
     Interval,
@@ -137,3 +140,50 @@ def test_instructions_are_counted_per_request_for_the_bridge_and_the_ceiling(
     # Far above zero (the dump was of the counted requests) and the bridge above HTTP alone.
     assert per_request["http-ceiling"] > 50_000
     assert result["ratio_to_http_ceiling"] > 1
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(wrk_path() is None, reason="wrk is not installed")
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [(signal.SIGTERM, EXIT_TERMINATED), (signal.SIGINT, EXIT_INTERRUPTED)],
+)
+def test_a_run_ended_by_a_signal_stops_the_servers_and_tools_it_started(
+    tmp_path: Path, signum: signal.Signals, exit_code: int
+) -> None:
+    bench = subprocess.Popen(
+        [
+            sys.executable, "-m", "bench", "--servers", "reference", "--connections", "1",
+            "--duration", "60", "--warmup", "1", "--amqp-url", AMQP_URL,
+            "--results", str(tmp_path),
+        ],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        started = _wait_for_descendants(bench.pid, {"wrk", "python"}, timeout=40)
+        bench.send_signal(signum)
+        _, stderr = bench.communicate(timeout=40)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == exit_code, stderr
+    assert [pid for pid in started if Path(f"/proc/{pid}").exists()] == []
+
+
+def _wait_for_descendants(pid: int, names: set[str], *, timeout: float) -> list[int]:
+    """The processes under ``pid`` once one of each name runs there (wrk measuring a server)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {child: _command_name(child) for child in descendants(pid)}
+        if names <= {name for name in found.values() if name is not None}:
+            return list(found)
+        time.sleep(0.1)
+    raise AssertionError(f"no {sorted(names)} under {pid} within {timeout} s")
+
+
+def _command_name(pid: int) -> str | None:
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+    return "python" if name.startswith("python") else name
