@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import aiormq
@@ -29,9 +29,11 @@ class BrokerProbe:
     """Survives its connection being closed by someone else (another test suite
     restarting or disconnecting the broker): each operation reconnects once and retries."""
 
-    def __init__(self, amqp_url: str, queue_type: str) -> None:
+    def __init__(
+        self, amqp_url: str, queue_type: str, extra_arguments: Mapping[str, str | int] = {}
+    ) -> None:
         self._url = amqp_url
-        self._queue_arguments: ArgumentsType = {"x-queue-type": queue_type}
+        self._queue_arguments: ArgumentsType = {**extra_arguments, "x-queue-type": queue_type}
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queues: list[str] = []
@@ -40,8 +42,15 @@ class BrokerProbe:
         self.server_version = "unknown"
 
     @classmethod
-    async def connect(cls, amqp_url: str, queue_type: str = QUORUM) -> BrokerProbe:
-        probe = cls(amqp_url, queue_type)
+    async def connect(
+        cls,
+        amqp_url: str,
+        queue_type: str = QUORUM,
+        extra_arguments: Mapping[str, str | int] = {},
+    ) -> BrokerProbe:
+        """A probe whose counting queues are of ``queue_type``, declared with
+        ``extra_arguments`` too."""
+        probe = cls(amqp_url, queue_type, extra_arguments)
         await probe._ready_channel()
         probe.reconnects = 0
         return probe

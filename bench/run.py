@@ -115,6 +115,8 @@ class Plan:
     require_targets: bool
     broker_latency_ms: float = 0.0
     """Added each way between the broker and everything measured, by bench/relay.py."""
+    queue_arguments: tuple[tuple[str, str | int], ...] = ()
+    """Declared on every counting queue besides its type (``--queue-argument``)."""
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -125,7 +127,8 @@ class Plan:
             "connections": ", ".join(map(str, self.connections)),
             "wrk threads": f"min(connections, {self.max_wrk_threads})",
             "servers": ", ".join(self.servers),
-            "bound queue": f"one durable {self.queue_type} queue per exchange, binding '#'",
+            "bound queue": f"one durable {self.queue_type} queue per exchange, binding '#'"
+            + "".join(f", {name}={value}" for name, value in self.queue_arguments),
             "broker latency": (
                 f"+{self.broker_latency_ms:g} ms each way (bench/relay.py)"
                 if self.broker_latency_ms
@@ -512,7 +515,9 @@ async def run(plan: Plan) -> int:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
         return EXIT_SETUP
     try:
-        probe = await BrokerProbe.connect(plan.amqp_url, plan.queue_type)
+        probe = await BrokerProbe.connect(
+            plan.amqp_url, plan.queue_type, dict(plan.queue_arguments)
+        )
     except Exception as error:
         print(f"cannot reach RabbitMQ: {error!r}", file=sys.stderr)
         return EXIT_SETUP
@@ -585,6 +590,15 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _queue_argument(text: str) -> tuple[str, str | int]:
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("x-") or not value or name == "x-queue-type":
+        raise argparse.ArgumentTypeError(
+            f"not NAME=VALUE with an x- name other than x-queue-type: {text!r}"
+        )
+    return name, int(value) if value.isdigit() else value
+
+
 def _servers(text: str) -> tuple[str, ...]:
     chosen = tuple(part.strip() for part in text.split(",") if part.strip())
     unknown = set(chosen) - set(SERVERS)
@@ -625,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUEUE_TYPES,
         default=QUORUM,
         help="of the queue bound to each exchange (default quorum, as recommended for production)",
+    )
+    parser.add_argument(
+        "--queue-argument",
+        action="append",
+        default=[],
+        type=_queue_argument,
+        metavar="NAME=VALUE",
+        help="also declare every bound queue with this argument, e.g. x-queue-mode=lazy "
+        "(repeatable; digits are sent as a number)",
     )
     parser.add_argument(
         "--broker-latency-ms",
@@ -696,14 +719,18 @@ def plan_from(args: argparse.Namespace) -> Plan:
         profile_duration_s=args.profile_duration or (5 if quick else 10),
         require_targets=args.require_targets,
         broker_latency_ms=args.broker_latency_ms,
+        queue_arguments=tuple(args.queue_argument),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.broker_latency_ms and (args.instructions is not None or args.soak is not None):
+    other_mode = args.instructions is not None or args.soak is not None
+    if args.broker_latency_ms and other_mode:
         parser.error("--broker-latency-ms applies to the timed run, not --instructions or --soak")
+    if args.queue_argument and other_mode:
+        parser.error("--queue-argument applies to the timed run, not --instructions or --soak")
     # Imported here: both modes build on this module's measuring pieces.
     if args.instructions is not None:
         from bench.instructions import run_instructions

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench.relay import RelaySummary
 from bench.report import BRIDGE, HTTP_CEILING, REFERENCE, Report, Row
 from bench.run import build_parser, plan_from
@@ -96,3 +98,19 @@ def test_the_broker_latency_is_in_the_run_description_and_the_json() -> None:
     assert written["broker_relay"]["mean_hold_ms"] == 2.1
     direct = plan_from(build_parser().parse_args(["--quick"]))
     assert direct.describe()["broker latency"].startswith("none")
+
+
+def test_extra_queue_arguments_are_parsed_and_described() -> None:
+    args = build_parser().parse_args(
+        ["--queue-type", "classic", "--queue-argument", "x-queue-mode=lazy",
+         "--queue-argument", "x-max-length=1000000"]
+    )  # fmt: skip
+    plan = plan_from(args)
+
+    assert plan.queue_arguments == (("x-queue-mode", "lazy"), ("x-max-length", 1_000_000))
+    assert plan.describe()["bound queue"].endswith(
+        "binding '#', x-queue-mode=lazy, x-max-length=1000000"
+    )
+    for refused in ("x-queue-type=quorum", "mode=lazy", "x-queue-mode", "x-queue-mode="):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--queue-argument", refused])

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import aiormq
 import pytest
 from aiohttp import web
 
@@ -88,6 +89,29 @@ async def probe() -> AsyncIterator[BrokerProbe]:
         yield instance
     finally:
         await instance.close()
+
+
+async def test_counting_queues_carry_the_extra_arguments() -> None:
+    lazy = await BrokerProbe.connect(AMQP_URL, "classic", {"x-queue-mode": "lazy"})
+    try:
+        exchange = unique_name("test.bench.lazy")
+        await lazy.declare_topic_exchange(exchange)
+        queue = await lazy.bind_counting_queue(exchange)
+        connection = await aiormq.connect(AMQP_URL)
+        try:
+            channel = await connection.channel()
+            # The broker refuses a declaration that differs in x-queue-mode: so it has it.
+            await channel.queue_declare(
+                queue, durable=True, arguments={"x-queue-type": "classic", "x-queue-mode": "lazy"}
+            )
+            with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+                await channel.queue_declare(
+                    queue, durable=True, arguments={"x-queue-type": "classic"}
+                )
+        finally:
+            await connection.close()
+    finally:
+        await lazy.close()
 
 
 @pytest.fixture
