@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.serving import serve
-from bridge.app import create_app
+from bridge.app import create_app, dispatch_webhooks_directly
 from bridge.frames import FRAME_OVERHEAD
 from bridge.publisher import Outcome, OutgoingMessage
 from bridge.server import tune_garbage_collection
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     app = create_app(settings, ImmediateConfirmPublisher())
     tune_garbage_collection()  # as bridge.server does once started
-    return serve(app, args.host, args.port)
+    return serve(app, args.host, args.port, lambda server: dispatch_webhooks_directly(server, app))
 
 
 if __name__ == "__main__":

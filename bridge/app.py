@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.dedup import Deduplicator, DedupRefused, OnStoreError, store_from_settings
@@ -94,7 +94,7 @@ class Ingress:
         }
     )
 
-    async def handle(self, request: web.Request, trace: RequestTrace) -> web.Response:
+    async def handle(self, request: web.BaseRequest, trace: RequestTrace) -> web.Response:
         received = time.monotonic()
         try:
             body = await self._read_body(request)
@@ -124,7 +124,7 @@ class Ingress:
         self.metrics.count(outcome)
         return web.Response(body=self._success_bodies[outcome], content_type=JSON)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
         declared = request.content_length
         limit = self.settings.max_body_bytes
         if declared is not None and declared > limit:
@@ -161,7 +161,7 @@ class Ingress:
             )
         return Delivery(outcome, event.event_type)
 
-    def _reject(self, request: web.Request, rejection: Rejection) -> web.Response:
+    def _reject(self, request: web.BaseRequest, rejection: Rejection) -> web.Response:
         self.metrics.count(rejection.outcome)
         logger.warning(
             "webhook rejected",
@@ -188,7 +188,10 @@ OWNED_PUBLISHER = web.AppKey("owned_publisher", AmqpPublisher)
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
-    ingress = request.app[INGRESS]
+    return await _receive(request.app[INGRESS], request)
+
+
+async def _receive(ingress: Ingress, request: web.BaseRequest) -> web.Response:
     ingress.metrics.requests_in_flight += 1
     trace = ingress.tracing.begin(
         request.headers.getall(TRACEPARENT, []), request.headers.getall(TRACESTATE, [])
@@ -279,6 +282,33 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def dispatch_webhooks_directly(server: web.Server, app: web.Application) -> None:
+    """Have ``server`` hand webhook POSTs straight to ``app``'s ingress, and every other
+    request to the handler it had (``app``'s routing).
+
+    Resolving the route, freezing its match info and looking up the event loop cost
+    about 5 % of the process's CPU per webhook (py-spy, 64 connections), and the webhook
+    route needs none of it. A POST asking for ``100-continue``, or carrying a query
+    string, still goes through the app, which answers the first and routes the second.
+    An app with middleware is left alone, so that no middleware is ever skipped.
+    """
+    if app.middlewares:
+        return
+    ingress = app[INGRESS]
+    through_app = server.request_handler
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if (
+            request.method == "POST"
+            and request.raw_path == WEBHOOK_PATH
+            and hdrs.EXPECT not in request.headers
+        ):
+            return await _receive(ingress, request)
+        return await through_app(request)
+
+    server.request_handler = handle
 
 
 def _publisher_lifetime(

@@ -27,7 +27,13 @@ from typing import Any
 
 from aiohttp import web
 
-from bridge.app import INGRESS, OWNED_PUBLISHER, WEBHOOK_PATH, create_app
+from bridge.app import (
+    INGRESS,
+    OWNED_PUBLISHER,
+    WEBHOOK_PATH,
+    create_app,
+    dispatch_webhooks_directly,
+)
 from bridge.logs import configure_logging
 from bridge.metrics import MULTIPROCESS_DIR_VARIABLE
 from bridge.secrets import SecretReloader, SecretSource
@@ -76,6 +82,8 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
         shutdown_timeout=settings.drain_timeout,
     )
     await runner.setup()
+    assert runner.server is not None
+    dispatch_webhooks_directly(runner.server, app)
     tune_garbage_collection()
     site = web.TCPSite(
         runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024

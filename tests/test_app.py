@@ -7,8 +7,9 @@ import json
 import time
 
 import pytest
+from aiohttp import web
 
-from bridge.app import WEBHOOK_PATH, create_app
+from bridge.app import WEBHOOK_PATH, create_app, dispatch_webhooks_directly
 from bridge.publisher import (
     QUARANTINE_REASON_HEADER,
     VALIDATED_HEADER,
@@ -23,7 +24,18 @@ from tests.conftest import AiohttpClient, Client, FakePublisher, Signer, make_se
 async def client_for(
     aiohttp_client: AiohttpClient, settings: Settings, publisher: FakePublisher
 ) -> Client:
-    return await aiohttp_client(create_app(settings, publisher))
+    """A client of the app served as ``bridge serve`` serves it: webhook POSTs directly."""
+    app = create_app(settings, publisher)
+    client = await aiohttp_client(app)
+    dispatch_webhooks_directly(low_level_server(client), app)  # before its first connection
+    return client
+
+
+def low_level_server(client: Client) -> web.Server:
+    runner = client.server.runner
+    assert runner is not None
+    assert runner.server is not None
+    return runner.server
 
 
 @pytest.fixture
@@ -157,6 +169,64 @@ async def test_chunked_body_over_the_limit_is_413(
     response = await client.post(WEBHOOK_PATH, data=chunks(), headers=signer.headers(b""))
     assert response.status == 413
     assert fake_publisher.published == []
+
+
+async def test_only_a_plain_webhook_post_skips_the_apps_routing(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    fake_publisher: FakePublisher,
+    signer: Signer,
+) -> None:
+    app = create_app(settings, fake_publisher)
+    client = await aiohttp_client(app)
+    server = low_level_server(client)
+    apps_handler, through_app = server.request_handler, []
+
+    async def counted(request: web.BaseRequest) -> web.StreamResponse:
+        through_app.append(f"{request.method} {request.raw_path}")
+        return await apps_handler(request)
+
+    server.request_handler = counted
+    dispatch_webhooks_directly(server, app)
+
+    body = sample_body("batch.completed")
+    assert (await client.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))).status == 200
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get(WEBHOOK_PATH)).status == 405
+    assert (await client.post("/elsewhere", data=body)).status == 404
+    with_query = sample_body("batch.failed")
+    response = await client.post(
+        f"{WEBHOOK_PATH}?source=openai", data=with_query, headers=signer.headers(with_query)
+    )
+    assert response.status == 200
+    expecting = sample_body("batch.cancelled")
+    response = await client.post(
+        WEBHOOK_PATH, data=expecting, headers=signer.headers(expecting), expect100=True
+    )
+    assert response.status == 200
+    assert through_app == [
+        "GET /healthz",
+        f"GET {WEBHOOK_PATH}",
+        "POST /elsewhere",
+        f"POST {WEBHOOK_PATH}?source=openai",
+        f"POST {WEBHOOK_PATH}",
+    ]
+    assert [message.body for message in fake_publisher.published] == [body, with_query, expecting]
+
+
+async def test_an_app_with_middleware_keeps_its_routing(
+    settings: Settings, fake_publisher: FakePublisher
+) -> None:
+    app = create_app(settings, fake_publisher)
+    app.middlewares.append(web.normalize_path_middleware())
+
+    async def apps_handler(_request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(apps_handler)
+    dispatch_webhooks_directly(server, app)
+
+    assert server.request_handler is apps_handler
 
 
 async def test_other_methods_are_405(client: Client) -> None:
