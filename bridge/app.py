@@ -292,9 +292,10 @@ def dispatch_webhooks_directly(server: web.Server, app: web.Application) -> None
     about 5 % of the process's CPU per webhook (py-spy, 64 connections), and the webhook
     route needs none of it. A POST asking for ``100-continue``, or carrying a query
     string, still goes through the app, which answers the first and routes the second.
-    An app with middleware is left alone, so that no middleware is ever skipped.
+    An app with middleware or an ``on_response_prepare`` handler is left alone: a request
+    that skips the routing skips those too.
     """
-    if app.middlewares:
+    if app.middlewares or app.on_response_prepare:
         return
     ingress = app[INGRESS]
     through_app = server.request_handler

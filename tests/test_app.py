@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 import pytest
 from aiohttp import web
@@ -214,11 +215,25 @@ async def test_only_a_plain_webhook_post_skips_the_apps_routing(
     assert [message.body for message in fake_publisher.published] == [body, with_query, expecting]
 
 
-async def test_an_app_with_middleware_keeps_its_routing(
-    settings: Settings, fake_publisher: FakePublisher
+async def _add_a_header(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["x-prepared"] = "1"
+
+
+@pytest.mark.parametrize(
+    "add_hook",
+    [
+        lambda app: app.middlewares.append(web.normalize_path_middleware()),
+        lambda app: app.on_response_prepare.append(_add_a_header),
+    ],
+    ids=["middleware", "on_response_prepare"],
+)
+async def test_an_app_with_request_hooks_keeps_its_routing(
+    settings: Settings,
+    fake_publisher: FakePublisher,
+    add_hook: Callable[[web.Application], None],
 ) -> None:
     app = create_app(settings, fake_publisher)
-    app.middlewares.append(web.normalize_path_middleware())
+    add_hook(app)
 
     async def apps_handler(_request: web.BaseRequest) -> web.StreamResponse:
         return web.Response()
