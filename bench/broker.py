@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, ArgumentsType
 
 T = TypeVar("T")
+QueueArguments = tuple[tuple[str, str | int], ...]
+"""Queue arguments as name and value pairs, in the order given (``--queue-argument``)."""
 
 QUORUM = "quorum"
 QUEUE_TYPES = ("classic", QUORUM)
@@ -30,10 +32,10 @@ class BrokerProbe:
     restarting or disconnecting the broker): each operation reconnects once and retries."""
 
     def __init__(
-        self, amqp_url: str, queue_type: str, extra_arguments: Mapping[str, str | int] = {}
+        self, amqp_url: str, queue_type: str, extra_arguments: QueueArguments = ()
     ) -> None:
         self._url = amqp_url
-        self._queue_arguments: ArgumentsType = {**extra_arguments, "x-queue-type": queue_type}
+        self._queue_arguments: ArgumentsType = {**dict(extra_arguments), "x-queue-type": queue_type}
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._queues: list[str] = []
@@ -46,7 +48,7 @@ class BrokerProbe:
         cls,
         amqp_url: str,
         queue_type: str = QUORUM,
-        extra_arguments: Mapping[str, str | int] = {},
+        extra_arguments: QueueArguments = (),
     ) -> BrokerProbe:
         """A probe whose counting queues are of ``queue_type``, declared with
         ``extra_arguments`` too."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import aiormq
 
-from bench.broker import QUEUE_TYPES, QUORUM, BrokerProbe, unique_name
+from bench.broker import QUEUE_TYPES, QUORUM, BrokerProbe, QueueArguments, unique_name
 from bench.confirm_loop import ConfirmLoopResult
 from bench.load import LoadError, LoadResult, run_wrk, wrk_path
 from bench.processes import (
@@ -115,7 +115,7 @@ class Plan:
     require_targets: bool
     broker_latency_ms: float = 0.0
     """Added each way between the broker and everything measured, by bench/relay.py."""
-    queue_arguments: tuple[tuple[str, str | int], ...] = ()
+    queue_arguments: QueueArguments = ()
     """Declared on every counting queue besides its type (``--queue-argument``)."""
 
     def describe(self) -> dict[str, Any]:
@@ -515,9 +515,7 @@ async def run(plan: Plan) -> int:
         print("wrk is not installed (Debian: apt-get install -y wrk)", file=sys.stderr)
         return EXIT_SETUP
     try:
-        probe = await BrokerProbe.connect(
-            plan.amqp_url, plan.queue_type, dict(plan.queue_arguments)
-        )
+        probe = await BrokerProbe.connect(plan.amqp_url, plan.queue_type, plan.queue_arguments)
     except Exception as error:
         print(f"cannot reach RabbitMQ: {error!r}", file=sys.stderr)
         return EXIT_SETUP

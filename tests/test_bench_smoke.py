@@ -92,7 +92,7 @@ async def probe() -> AsyncIterator[BrokerProbe]:
 
 
 async def test_counting_queues_carry_the_extra_arguments() -> None:
-    lazy = await BrokerProbe.connect(AMQP_URL, "classic", {"x-queue-mode": "lazy"})
+    lazy = await BrokerProbe.connect(AMQP_URL, "classic", (("x-queue-mode", "lazy"),))
     try:
         exchange = unique_name("test.bench.lazy")
         await lazy.declare_topic_exchange(exchange)
