@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets_dir=Path("/nonexistent"),
         webhook_secret=os.environ["BENCH_WEBHOOK_SECRET"],
         log_level="WARNING",
+        metrics_port=0,  # readiness on the port the load goes to
     )
     app = create_app(settings, ImmediateConfirmPublisher())
     tune_garbage_collection()  # as bridge.server does once started

@@ -65,6 +65,8 @@ def _start(key: str, launch: Launch) -> tuple[Server, str]:
             BRIDGE_EXCHANGE=exchange,
             BRIDGE_HOST="127.0.0.1",
             BRIDGE_PORT=str(port),
+            # Readiness and the publish limit are read from the port the load goes to.
+            BRIDGE_METRICS_PORT="0",
             BRIDGE_LOG_LEVEL="WARNING",
             # Secret files mounted on this machine must not change what is measured.
             BRIDGE_SECRETS_DIR=str(launch.log_dir / "no-secrets-dir"),
@@ -76,6 +78,8 @@ def _start(key: str, launch: Launch) -> tuple[Server, str]:
                 BRIDGE_DEDUP_URL=launch.dedup_url,
                 BRIDGE_DEDUP_KEY_PREFIX=f"bench:{launch.run_id}:{exchange}:",
                 BRIDGE_DEDUP_WINDOW=str(REDIS_DEDUP_WINDOW_S),
+                # The window must cover twice the tolerance; the run signs as it goes.
+                BRIDGE_TIMESTAMP_TOLERANCE=str(REDIS_DEDUP_WINDOW_S // 2),
                 # Without Redis every request fails the point instead of skipping the check.
                 BRIDGE_DEDUP_ON_ERROR="reject",
             )

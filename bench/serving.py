@@ -1,6 +1,6 @@
 """Serving the comparison apps under the same conditions as the bridge.
 
-Same event loop (uvloop, as ``bridge.cli.run`` uses), no access log, the same
+Same event loop (uvloop, as ``bridge.server.run`` uses), no access log, the same
 listen backlog, and a clean stop on SIGTERM, so that differences in the
 results come from the request path and not from how the process is run.
 """

@@ -9,8 +9,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import StreamReader, hdrs, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.dedup import Deduplicator, DedupRefused, OnStoreError, store_from_settings
@@ -38,10 +39,16 @@ from bridge.tracing import TRACEPARENT, TRACESTATE, PropagationOnly, RequestTrac
 logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/webhooks/openai"
+OPERATIONS_PATHS = ("/healthz", "/readyz", "/metrics")
+"""Served on BRIDGE_METRICS_PORT, or with the webhooks when it is 0."""
+SERVER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
+"""How a server runs the webhook app: an encoded body is refused unread (415), so the server
+never inflates one, whatever Content-Encoding it names (aiohttp would, as the bytes arrive)."""
 TRACE_FLUSH_SECONDS = 5.0
 METRICS_FLUSH_SECONDS = 1.0
 """How stale another worker's request counts may be in a scrape (see bridge.metrics)."""
 JSON = "application/json"
+IDENTITY = "identity"
 _LOGGED_ID_LENGTH = 80
 
 
@@ -55,11 +62,38 @@ class Rejection(Exception):
         self.reason = reason
 
 
+@dataclass(slots=True)
+class BodyBudget:
+    """The bytes of request bodies the process holds at once, at most ``limit``
+    (``BRIDGE_MAX_BUFFERED_BYTES``).
+
+    A body with a Content-Length counts in full before its first byte is read: connections
+    that stall in the middle of their bodies cannot add up to more than the limit.
+    """
+
+    limit: int
+    held: int = 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise Rejection(
+                503,
+                RequestOutcome.OVER_BUFFER_BUDGET,
+                "the bridge holds as many request bodies as it may; retry later",
+            )
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
 _VERIFICATION_STATUS: dict[type[WebhookVerificationError], tuple[int, RequestOutcome]] = {
     MalformedWebhookHeaders: (400, RequestOutcome.BAD_REQUEST),
     TimestampOutOfTolerance: (401, RequestOutcome.UNAUTHORIZED),
     SignatureMismatch: (401, RequestOutcome.UNAUTHORIZED),
 }
+
+_CLOSING_OUTCOMES = frozenset({RequestOutcome.TOO_LARGE, RequestOutcome.OVER_BUFFER_BUDGET})
 
 _OUTCOME_OF_PUBLISH = {
     Outcome.PUBLISHED: RequestOutcome.PUBLISHED,
@@ -87,6 +121,7 @@ class Ingress:
     metrics: Metrics
     dedup: Deduplicator[Delivery]
     tracing: Tracing
+    budget: BodyBudget
     shutting_down: bool = False
     _success_bodies: dict[RequestOutcome, bytes] = field(
         default_factory=lambda: {
@@ -96,11 +131,15 @@ class Ingress:
 
     async def handle(self, request: web.BaseRequest, trace: RequestTrace) -> web.Response:
         received = time.monotonic()
+        body = b""
         try:
+            # Whatever can be refused without the body is, before a byte of it is read.
+            headers = self._check_before_body(request)
+            verifier = self.verifier
+            signatures = verifier.check_headers(headers)
             body = await self._read_body(request)
-            headers = WebhookHeaders.from_mapping(request.headers)
             with trace.verifying():
-                secret_index = self.verifier.verify(headers, body)
+                secret_index = verifier.match(headers, signatures, body)
             self.metrics.secret_matched(secret_index)
             delivery = await self.dedup.once(
                 headers.webhook_id, lambda: self._deliver(headers, body, trace)
@@ -114,6 +153,8 @@ class Ingress:
             return self._reject(
                 request, Rejection(503, RequestOutcome.UNAVAILABLE, str(error) or "unavailable")
             )
+        finally:
+            self.budget.give_back(len(body))
         if delivery is None:
             outcome = RequestOutcome.DUPLICATE
         else:
@@ -124,29 +165,65 @@ class Ingress:
         self.metrics.count(outcome)
         return web.Response(body=self._success_bodies[outcome], content_type=JSON)
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    def _check_before_body(self, request: web.BaseRequest) -> WebhookHeaders:
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING)
+        if encoding is not None and encoding.strip().lower() not in ("", IDENTITY):
+            # OpenAI does not compress, and the signature covers the bytes as sent: inflating
+            # an unauthenticated body could only cost memory and time.
+            raise Rejection(
+                415, RequestOutcome.UNSUPPORTED_ENCODING, "Content-Encoding must be identity"
+            )
         declared = request.content_length
         limit = self.settings.max_body_bytes
         if declared is not None and declared > limit:
             raise Rejection(413, RequestOutcome.TOO_LARGE, f"body of {declared} bytes over {limit}")
+        return WebhookHeaders.from_mapping(request.headers)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        """The body, its bytes taken from the budget; the caller gives them back."""
+        content = request.content
+        if content.is_eof():
+            # Received whole already: nothing to wait for, so nothing to time out.
+            body = content.read_nowait()
+            self._check_size(len(body))
+            self.budget.take(len(body))
+            return body
+        declared = request.content_length
         try:
-            if request.content.is_eof():
-                # Received whole already: nothing to wait for, so nothing to time out.
-                body = request.content.read_nowait()
-                if len(body) > limit:
-                    raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes")
-                return body
             async with asyncio.timeout(self.settings.body_timeout):
-                return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes") from None
-        except RequestPayloadError:
-            # A Content-Encoding (gzip, deflate) whose bytes do not decompress.
-            raise Rejection(400, RequestOutcome.BAD_REQUEST, "body could not be decoded") from None
+                if declared is None:
+                    return await self._read_chunks(content)
+                self.budget.take(declared)
+                try:
+                    return await request.read()
+                except BaseException:
+                    self.budget.give_back(declared)
+                    raise
+        except (RequestPayloadError, ConnectionResetError):
+            # Cut short: the client went away, or its chunked framing broke.
+            raise Rejection(400, RequestOutcome.BAD_REQUEST, "body could not be read") from None
         except TimeoutError:
             raise Rejection(
                 408, RequestOutcome.BAD_REQUEST, "body not received within the time limit"
             ) from None
+
+    async def _read_chunks(self, content: StreamReader) -> bytes:
+        """A body of unknown length, taken from the budget chunk by chunk as it arrives."""
+        body = bytearray()
+        try:
+            while chunk := await content.readany():
+                self._check_size(len(body) + len(chunk))
+                self.budget.take(len(chunk))
+                body += chunk
+        except BaseException:
+            self.budget.give_back(len(body))
+            raise
+        return bytes(body)
+
+    def _check_size(self, size: int) -> None:
+        limit = self.settings.max_body_bytes
+        if size > limit:
+            raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes")
 
     async def _deliver(self, headers: WebhookHeaders, body: bytes, trace: RequestTrace) -> Delivery:
         event = classify(body)
@@ -178,7 +255,10 @@ class Ingress:
         )
         if rejection.status == 503:
             response.headers["Retry-After"] = str(self.settings.retry_after)
-        if rejection.status in (408, 413):
+        elif rejection.status == 415:
+            response.headers[hdrs.ACCEPT_ENCODING] = IDENTITY
+        # Nothing more of an unread body is waited for, nor of a client sending too much.
+        if rejection.outcome in _CLOSING_OUTCOMES or not request.content.is_eof():
             response.force_close()
         return response
 
@@ -223,10 +303,15 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     ingress = request.app[INGRESS]
-    ingress.metrics.set_broker_connected(ingress.publisher.connected)
+    _update_gauges(ingress)
     response = web.Response(body=ingress.metrics.exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+def _update_gauges(ingress: Ingress) -> None:
+    ingress.metrics.set_broker_connected(ingress.publisher.connected)
+    ingress.metrics.buffered_bytes.set(ingress.budget.held)
 
 
 def create_app(
@@ -269,6 +354,7 @@ def create_app(
             record=request_metrics.dedup_result,
         ),
         tracing=tracing or PropagationOnly(),
+        budget=BodyBudget(settings.max_buffered_bytes),
     )
     if owned_publisher is not None:
         app[OWNED_PUBLISHER] = owned_publisher
@@ -278,10 +364,23 @@ def create_app(
     app.on_shutdown.append(_mark_shutting_down)
     app.on_cleanup.append(_flush_traces)
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if not settings.metrics_port:
+        _add_operations_routes(app)
     return app
+
+
+def create_operations_app(app: web.Application) -> web.Application:
+    """``/healthz``, ``/readyz`` and ``/metrics`` of ``app``'s ingress, for the port of their
+    own (``BRIDGE_METRICS_PORT``); ``app`` keeps the ingress's lifetime."""
+    operations = web.Application()
+    operations[INGRESS] = app[INGRESS]
+    _add_operations_routes(operations)
+    return operations
+
+
+def _add_operations_routes(app: web.Application) -> None:
+    for path, handler in zip(OPERATIONS_PATHS, (healthz, readyz, metrics), strict=True):
+        app.router.add_get(path, handler)
 
 
 def dispatch_webhooks_directly(server: web.Server, app: web.Application) -> None:
@@ -337,7 +436,7 @@ async def _metric_updates(app: web.Application) -> AsyncIterator[None]:
 
     async def update_every_second() -> None:
         while True:
-            ingress.metrics.set_broker_connected(ingress.publisher.connected)
+            _update_gauges(ingress)
             ingress.metrics.flush()
             await asyncio.sleep(METRICS_FLUSH_SECONDS)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.util
 import logging
 import sys
 import time
@@ -41,6 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bridge.dedup.store import ClaimState, StoreUnavailable
 from bridge.events import UnknownWebhookEvent, UnwrapWebhookEvent, parse_event
+from bridge.extras import installed
 from bridge.publisher import VALIDATED_HEADER
 from bridge.settings import (
     DEFAULT_EXCHANGE,
@@ -560,7 +560,7 @@ def _first_problem(error: ValidationError) -> str:
 def _consumer_spans(queue: str) -> SpanFactory | None:
     """Consumer spans when OpenTelemetry's API is installed; without it, only
     :func:`bridge.tracing.current_trace` inside handlers."""
-    if importlib.util.find_spec("opentelemetry.trace") is None:
+    if not installed("opentelemetry.trace"):
         return None
     from bridge.tracing.api import consumer_spans
 

@@ -35,7 +35,10 @@ class RequestOutcome(enum.StrEnum):
     BAD_REQUEST = "bad_request"
     UNAUTHORIZED = "unauthorized"
     TOO_LARGE = "too_large"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
     UNAVAILABLE = "unavailable"
+    OVER_BUFFER_BUDGET = "over_buffer_budget"
+    """Refused at once: its body would take the process over BRIDGE_MAX_BUFFERED_BYTES."""
 
 
 class DedupResult(enum.StrEnum):
@@ -92,6 +95,13 @@ class Metrics:
         self.in_flight = Gauge(
             "webhook_bridge_in_flight",
             "Webhook requests being processed.",
+            multiprocess_mode="livesum",
+            registry=own_registry,
+        )
+        self.buffered_bytes = Gauge(
+            "webhook_bridge_buffered_bytes",
+            "Bytes of request bodies held, or set aside for bodies being received "
+            "(at most BRIDGE_MAX_BUFFERED_BYTES in each process).",
             multiprocess_mode="livesum",
             registry=own_registry,
         )

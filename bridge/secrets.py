@@ -9,15 +9,24 @@ stays in force. A secret given in the environment or as a flag is fixed for the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
+import stat
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_bytes
 
-from bridge.signature import InvalidSecretError, SignatureVerifier, decode_secret_list
+from bridge.signature import (
+    SECRET_PREFIX,
+    InvalidSecretError,
+    SignatureVerifier,
+    decode_secret_list,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +45,18 @@ class SecretSource:
     path: Path | None = None  # set only when the secrets come from a file that can change
 
 
+STANDARD_INPUT = "-"
+
+
 def locate_secret_source(
-    secrets_dir: Path, environment: Mapping[str, str], *, given_as_flag: bool
+    secrets_dir: Path, environment: Mapping[str, str], *, flag_file: str | None = None
 ) -> SecretSource:
-    """Mirror the settings' precedence: flag, then environment, then the secrets file."""
-    if given_as_flag:
-        return SecretSource("the --webhook-secret flag")
+    """Mirror the settings' precedence: ``--webhook-secret-file``, then the environment,
+    then the secrets file. A file, named either way, can change; standard input cannot."""
+    if flag_file == STANDARD_INPUT:
+        return SecretSource("standard input (--webhook-secret-file -)")
+    if flag_file is not None:
+        return SecretSource(f"the file {flag_file} (--webhook-secret-file)", Path(flag_file))
     if any(name.upper() == SECRET_FILE_NAME for name in environment):
         return SecretSource(f"the {SECRET_FILE_NAME} environment variable")
     path = find_secret_file(secrets_dir)
@@ -65,12 +80,20 @@ class SecretReloadError(Exception):
 
 def read_secret_file(path: Path) -> tuple[bytes, ...]:
     """Read and decode the comma-separated secrets in ``path``."""
+    return decode_secret_text(_first_bytes(path))[1]
+
+
+def _first_bytes(path: Path | str) -> bytes:
     try:
-        with path.open("rb") as file:
-            raw = file.read(MAX_SECRET_FILE_BYTES + 1)
+        with open(path, "rb") as file:
+            return file.read(MAX_SECRET_FILE_BYTES + 1)
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise SecretReloadError(f"cannot read it: {reason}") from None
+
+
+def decode_secret_text(raw: bytes) -> tuple[str, tuple[bytes, ...]]:
+    """The comma-separated secrets in ``raw`` (a file's first bytes), as text and decoded."""
     if len(raw) > MAX_SECRET_FILE_BYTES:
         raise SecretReloadError(f"it is larger than {MAX_SECRET_FILE_BYTES} bytes")
     try:
@@ -78,9 +101,16 @@ def read_secret_file(path: Path) -> tuple[bytes, ...]:
     except UnicodeDecodeError:
         raise SecretReloadError("it is not UTF-8 text") from None
     try:
-        return decode_secret_list(text)
+        return text, decode_secret_list(text)
     except InvalidSecretError as error:
         raise SecretReloadError(str(error)) from None
+
+
+def read_secrets_argument(given: str) -> str:
+    """The secrets ``--webhook-secret-file`` names (a file, or ``-`` for standard input), as
+    the comma-separated text the settings take. Raises :class:`SecretReloadError`."""
+    raw = sys.stdin.buffer.read(MAX_SECRET_FILE_BYTES + 1) if given == STANDARD_INPUT else None
+    return decode_secret_text(_first_bytes(given) if raw is None else raw)[0]
 
 
 class SecretReloader:
@@ -198,17 +228,32 @@ class SecretReloader:
                     await task
 
 
+GENERATED_SECRET_BYTES = 32
+
+
+def generate_secret() -> str:
+    """A new random ``whsec_`` secret of 32 bytes, as OpenAI's are."""
+    return SECRET_PREFIX + base64.b64encode(token_bytes(GENERATED_SECRET_BYTES)).decode()
+
+
 def write_secret_file(path: Path, secrets: Sequence[str]) -> None:
-    """Replace ``path`` atomically with ``secrets``, comma-separated, readable by the owner only.
+    """Replace ``path`` atomically with ``secrets``, comma-separated.
 
     The new content is written to a temporary file in the same directory, flushed to disk
     and renamed over ``path``, so a reader sees the old list or the new one, never a part.
+    A file that exists keeps its mode, group and (when root writes) owner, so that a
+    rotation run as another user never locks the bridge out; a new one is the owner's only.
     """
+    kept = _existing_file(path)
     directory = path.parent
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            os.fchmod(file.fileno(), 0o600)
+            if kept is None:
+                os.fchmod(file.fileno(), 0o600)
+            else:
+                os.fchown(file.fileno(), kept.st_uid if os.geteuid() == 0 else -1, kept.st_gid)
+                os.fchmod(file.fileno(), stat.S_IMODE(kept.st_mode))
             file.write(",".join(secrets) + "\n")
             file.flush()
             os.fsync(file.fileno())
@@ -224,21 +269,45 @@ def write_secret_file(path: Path, secrets: Sequence[str]) -> None:
         os.close(directory_descriptor)
 
 
+def _existing_file(path: Path) -> os.stat_result | None:
+    """The status of the file to be replaced, if any; a link is refused rather than
+    replaced by a file (or followed to somewhere the caller did not name)."""
+    try:
+        status = path.lstat()
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(status.st_mode):
+        raise SecretDestinationError(
+            f"{path} is a symbolic link: name the file it points to with --secret-file"
+        )
+    if not stat.S_ISREG(status.st_mode):
+        raise SecretDestinationError(f"{path} is not a regular file")
+    return status
+
+
 def read_current_secrets(path: Path) -> list[str]:
     """The usable secrets now in ``path`` (none if it does not exist), to keep after a new one.
 
     Raises :class:`SecretReloadError` if the file exists but does not decode: writing it
     back after a new secret would make the whole list unusable.
     """
-    if not path.exists():
+    if _existing_file(path) is None:
         return []
-    read_secret_file(path)
-    text = path.read_text(encoding="utf-8").strip()
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as error:
+        raise SecretReloadError(f"cannot read it: {error.strerror}") from None
+    with os.fdopen(descriptor, "rb") as file:
+        text, _keys = decode_secret_text(file.read(MAX_SECRET_FILE_BYTES + 1))
     return [secret.strip() for secret in text.split(",")]
 
 
 class SecretDestinationError(Exception):
     """A new signing secret cannot be written where it should go."""
+
+
+def _may_keep_group(group: int) -> bool:
+    return os.geteuid() == 0 or group == os.getegid() or group in os.getgroups()
 
 
 class SecretNotWritten(SecretDestinationError):
@@ -272,6 +341,17 @@ class SecretDestination:
             raise SecretDestinationError(f"{directory} is not a directory")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise SecretDestinationError(f"cannot write to {directory}")
+        if directory.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise SecretDestinationError(
+                f"{directory} is writable by its group or others, who could replace the "
+                f"secrets: chmod go-w {directory}"
+            )
+        existing = _existing_file(self.path)
+        if existing is not None and not _may_keep_group(existing.st_gid):
+            raise SecretDestinationError(
+                f"{self.path} belongs to group {existing.st_gid}, which this user cannot give "
+                "a new file: run as its owner, root, or a member of that group"
+            )
         if not keep_old:
             return []
         try:

@@ -1,7 +1,9 @@
 """Running the ingress: one process, or several workers sharing the port.
 
-Workers each have their own event loop and AMQP connection and bind the same port with
-``SO_REUSEPORT``, so the kernel spreads connections across them. The parent only
+Workers each have their own event loop and AMQP connection and bind the same ports with
+``SO_REUSEPORT``, so the kernel spreads connections across them: webhooks, and on the
+operations port (``BRIDGE_METRICS_PORT``) probes and scrapes, which any worker answers
+(``/metrics`` with every worker's counts, see bridge.metrics). The parent only
 supervises: it forwards SIGTERM/SIGINT, and if a worker dies on its own it stops the
 others and exits non-zero so that the orchestrator restarts the whole pod. If the parent
 itself dies (SIGKILL, the OOM killer), the kernel sends each worker SIGTERM, so workers
@@ -18,6 +20,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -30,8 +33,10 @@ from aiohttp import web
 from bridge.app import (
     INGRESS,
     OWNED_PUBLISHER,
+    SERVER_OPTIONS,
     WEBHOOK_PATH,
     create_app,
+    create_operations_app,
     dispatch_webhooks_directly,
 )
 from bridge.logs import configure_logging
@@ -47,6 +52,17 @@ KILL_GRACE_SECONDS = 10.0
 EXIT_BROKER_NEEDS_OPERATOR = 2
 FIXED_SECRETS = SecretSource("the settings")
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+BACKLOG = 1024
+WEBHOOK_RECEIVE_BUFFER_BYTES = 16 * 1024
+"""SO_RCVBUF of each webhook connection (Linux doubles it), instead of autotuning's up to
+``net.ipv4.tcp_rmem`` (MiBs).
+
+Each read from a socket is handed to the HTTP parser whole, and a connection's first reads
+are taken before its handler can look at the headers: with autotuning each of 500
+connections sending a 256 KiB body at once had its whole body in memory (150 MiB) before
+BRIDGE_MAX_BUFFERED_BYTES could refuse it. With this buffer a connection holds about
+50 KiB before its handler decides, and a webhook of a few KiB still arrives in one read.
+"""
 YOUNG_COLLECTION_THRESHOLD = 20_000
 """Net new container objects before the cycle collector runs (CPython's default: 700).
 
@@ -80,30 +96,48 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
         access_log=None,
         handle_signals=False,
         shutdown_timeout=settings.drain_timeout,
+        **SERVER_OPTIONS,
     )
-    await runner.setup()
+    ports = {runner: settings.port}
+    if settings.metrics_port:
+        operations = web.AppRunner(
+            create_operations_app(app),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=settings.drain_timeout,
+        )
+        ports[operations] = settings.metrics_port
+    # In this order they are cleaned up too: /readyz answers 503 while the webhooks drain.
+    runners = list(ports)
+    for each in runners:
+        await each.setup()
     assert runner.server is not None
     dispatch_webhooks_directly(runner.server, app)
     tune_garbage_collection()
-    site = web.TCPSite(
-        runner, settings.host, settings.port, reuse_port=settings.workers > 1, backlog=1024
-    )
-    try:
-        await site.start()
-    except OSError as error:
-        await runner.cleanup()
-        logger.error("cannot listen on %s:%s: %s", settings.host, settings.port, error.strerror)
-        return 1
+    for each, port in ports.items():
+        try:
+            sock = listen(
+                settings.host,
+                port,
+                reuse_port=settings.workers > 1,
+                receive_buffer=WEBHOOK_RECEIVE_BUFFER_BYTES if each is runner else None,
+            )
+        except OSError as error:
+            await _clean_up(runners)
+            logger.error("cannot listen on %s:%s: %s", settings.host, port, error.strerror)
+            return 1
+        await web.SockSite(each, sock).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     logger.info(
-        "listening on http://%s:%s%s, publishing to exchange %s at %s "
-        "(%d webhook secret%s from %s)",
+        "listening on http://%s:%s%s (/healthz, /readyz and /metrics on port %s), publishing "
+        "to exchange %s at %s (%d webhook secret%s from %s)",
         settings.host,
         settings.port,
         WEBHOOK_PATH,
+        settings.metrics_port or settings.port,
         settings.exchange,
         settings.amqp_url_redacted,
         len(settings.signing_keys),
@@ -114,9 +148,34 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
     await _first_of(stop, broker_failed)
     app[INGRESS].shutting_down = True
     logger.info("shutting down: draining in-flight requests for up to %gs", settings.drain_timeout)
-    await runner.cleanup()
+    await _clean_up(runners)
     logger.info("stopped")
     return EXIT_BROKER_NEEDS_OPERATOR if broker_failed.is_set() else 0
+
+
+async def _clean_up(runners: list[web.AppRunner]) -> None:
+    for runner in runners:
+        await runner.cleanup()
+
+
+def listen(
+    host: str, port: int, *, reuse_port: bool, receive_buffer: int | None
+) -> socket.socket:
+    """A listening TCP socket; ``receive_buffer`` fixes each connection's SO_RCVBUF."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if receive_buffer is not None:
+            # Set before listen(): connections inherit it, and it sets the window offered.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def tune_garbage_collection() -> None:
@@ -173,6 +232,9 @@ def serve_forever(settings: Settings, secret_source: SecretSource = FIXED_SECRET
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers == 1:
         return run(serve(settings, secret_source))
+    # Each worker sets tracing up for itself; a configuration it would refuse stops the
+    # supervisor here, once, rather than every worker with a traceback.
+    tracing_from_environment().shutdown()
     return _supervise_workers(settings, secret_source)
 
 
@@ -228,7 +290,12 @@ def _supervise_workers(settings: Settings, secret_source: SecretSource) -> int:
     for worker in workers:
         worker.start()
     signal.signal(signal.SIGHUP, forward_reload)
-    logger.info("started %d workers on port %s", len(workers), settings.port)
+    logger.info(
+        "started %d workers on port %s (operations on port %s)",
+        len(workers),
+        settings.port,
+        settings.metrics_port or settings.port,
+    )
 
     unexpected_exit = False
     kill_deadline = float("inf")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import ssl
@@ -22,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
+from bridge.extras import installed
 from bridge.signature import decode_secret_list
 
 ENV_PREFIX = "BRIDGE_"
@@ -72,13 +72,38 @@ class Settings(BaseSettings):
         default=SecretStr("amqp://guest:guest@localhost:5672/"),
         description="One AMQP URL, or several (comma-separated) nodes of one cluster.",
     )
-    amqp_ca_file: Path | None = None
-    amqp_heartbeat: Annotated[int, Field(ge=1, le=600)] = 10
-    queue_type: QueueType = "quorum"
-    exchange: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_EXCHANGE
-    quarantine_exchange: str = ""
-    unrouted_exchange: str = ""
-    declare_topology: bool = True
+    amqp_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle to verify the broker's certificate with amqps://; "
+        "unset: the system's CAs.",
+    )
+    amqp_heartbeat: Annotated[int, Field(ge=1, le=600)] = Field(
+        default=10,
+        description="AMQP heartbeat in seconds: a node silent for (heartbeat + 1) x 3 seconds "
+        "is given up and the bridge moves to another node.",
+    )
+    queue_type: QueueType = Field(
+        default="quorum",
+        description="Type of the unrouted and quarantine queues the bridge declares.",
+    )
+    exchange: Annotated[str, Field(min_length=1, max_length=200)] = Field(
+        default=DEFAULT_EXCHANGE,
+        description="The topic exchange events are published to, routed by event type.",
+    )
+    quarantine_exchange: str = Field(
+        default="",
+        description="The quarantine exchange and its queue; empty: <exchange>.quarantine.",
+    )
+    unrouted_exchange: str = Field(
+        default="",
+        description="The alternate exchange and its queue, for events no queue is bound to; "
+        "empty: <exchange>.unrouted.",
+    )
+    declare_topology: bool = Field(
+        default=True,
+        description="Declare the exchanges and queues at start-up; false: only check that "
+        "they exist (topology from broker definitions).",
+    )
     archive_max_age: str = Field(
         default="",
         description="Keep an archive stream of every accepted event for this long "
@@ -91,12 +116,43 @@ class Settings(BaseSettings):
         description="Keep at most this many bytes in the archive stream; empty: no size limit. "
         "With neither archive setting there is no archive.",
     )
-    host: str = "0.0.0.0"  # noqa: S104  # a container must listen beyond loopback
-    port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    timestamp_tolerance: Annotated[int, Field(ge=1, le=86_400)] = 300
-    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
-    publish_timeout: Seconds = 5.0
-    body_timeout: Seconds = 10.0
+    host: str = Field(
+        default="0.0.0.0",  # noqa: S104  # a container must listen beyond loopback
+        description="The address to listen on.",
+    )
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8080,
+        description="The port webhooks are received on (and /healthz, /readyz and /metrics "
+        "when BRIDGE_METRICS_PORT is 0).",
+    )
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8081,
+        description="The port of /healthz, /readyz and /metrics, which the webhook port then "
+        "answers 404; 0: serve them on BRIDGE_PORT.",
+    )
+    timestamp_tolerance: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=300,
+        description="Seconds a webhook-timestamp may differ from now, either way.",
+    )
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+        default=256 * 1024,
+        description="Larger request bodies are answered 413.",
+    )
+    max_buffered_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = Field(
+        default=32 * 1024 * 1024,
+        description="The most bytes of request bodies the process holds at once (a declared "
+        "Content-Length counts in full from the start); a request that would go over it is "
+        "answered 503 at once.",
+    )
+    publish_timeout: Seconds = Field(
+        default=5.0,
+        description="Seconds to wait for the broker's confirm before answering 503; also bounds "
+        "each connection attempt and topology check.",
+    )
+    body_timeout: Seconds = Field(
+        default=10.0,
+        description="Seconds to receive a request body before answering 408.",
+    )
     max_publishes_in_flight: Annotated[int, Field(ge=1, le=10_000)] = Field(
         default=1024,
         description="The most unconfirmed publishes per process; below it the limit adapts "
@@ -107,8 +163,14 @@ class Settings(BaseSettings):
         description="The fewest unconfirmed publishes the adaptive limit allows; equal to "
         "BRIDGE_MAX_PUBLISHES_IN_FLIGHT, a fixed limit.",
     )
-    drain_timeout: Seconds = 20.0
-    retry_after: Annotated[int, Field(ge=1)] = 5
+    drain_timeout: Seconds = Field(
+        default=20.0,
+        description="On SIGTERM, seconds to let in-flight requests finish.",
+    )
+    retry_after: Annotated[int, Field(ge=1)] = Field(
+        default=5,
+        description="The Retry-After seconds on a 503.",
+    )
     dedup_url: SecretStr = Field(
         default=SecretStr(""),
         description="redis:// or rediss:// URL of a Redis shared by all pods; "
@@ -121,13 +183,33 @@ class Settings(BaseSettings):
         description="Seconds a confirmed webhook-id is remembered; default 600 in process, "
         f"{DEDUP_WINDOW_WITH_REDIS:g} (OpenAI's 72 h of retries plus 1 h) with Redis.",
     )
-    dedup_max_ids: Annotated[int, Field(ge=0)] = 100_000
-    dedup_on_error: Literal["publish", "reject"] = "publish"
-    dedup_timeout: Annotated[float, Field(gt=0, le=10)] = 0.2
-    dedup_key_prefix: str = ""
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
-    log_level: LogLevel = "INFO"
-    log_format: LogFormat = "auto"
+    dedup_max_ids: Annotated[int, Field(ge=0)] = Field(
+        default=100_000,
+        description="At most this many ids remembered per process (in-process store only); "
+        "when full, the oldest eighth is forgotten.",
+    )
+    dedup_on_error: Literal["publish", "reject"] = Field(
+        default="publish",
+        description="While Redis is unreachable: publish without the duplicate check, or "
+        "reject with 503 (and /readyz 503).",
+    )
+    dedup_timeout: Annotated[float, Field(gt=0, le=10)] = Field(
+        default=0.2,
+        description="Seconds each Redis round trip may take before Redis counts as down.",
+    )
+    dedup_key_prefix: str = Field(
+        default="",
+        description="Prefix of the Redis keys; empty: webhook-bridge:<exchange>:.",
+    )
+    workers: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=1, description="Processes sharing the port."
+    )
+    log_level: LogLevel = Field(default="INFO", description="The lowest level logged.")
+    log_format: LogFormat = Field(
+        default="auto",
+        description="json (one object per line), text, or auto: text on a terminal, "
+        "JSON otherwise.",
+    )
 
     @field_validator("amqp_url")
     @classmethod
@@ -166,7 +248,7 @@ class Settings(BaseSettings):
         url = URL(text)
         if url.scheme not in ("redis", "rediss") or not url.host:
             raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
-        if importlib.util.find_spec("redis") is None:
+        if not installed("redis"):
             raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
         return value
 
@@ -177,6 +259,38 @@ class Settings(BaseSettings):
         if value == 0 and url is not None and url.get_secret_value():
             raise ValueError("must be positive with BRIDGE_DEDUP_URL (or leave it unset)")
         return value
+
+    @model_validator(mode="after")
+    def _window_covers_replays(self) -> Settings:
+        # A captured webhook passes the timestamp check for 2 x the tolerance (either side
+        # of its timestamp): a shorter memory would let it be replayed once forgotten.
+        window, covered = self.dedup_window_seconds, 2 * self.timestamp_tolerance
+        if 0 < window < covered:
+            raise ValueError(
+                f"the deduplication window ({window:g} s, BRIDGE_DEDUP_WINDOW) must cover twice "
+                f"BRIDGE_TIMESTAMP_TOLERANCE ({covered} s), or a signed webhook could be "
+                "replayed after its id is forgotten: raise the window or lower the tolerance"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _separate_ports(self) -> Settings:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(
+                f"BRIDGE_METRICS_PORT ({self.metrics_port}) is BRIDGE_PORT too: choose "
+                "another port, or 0 to serve /healthz, /readyz and /metrics on BRIDGE_PORT"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _buffer_holds_a_body(self) -> Settings:
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"BRIDGE_MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) is below "
+                f"BRIDGE_MAX_BODY_BYTES ({self.max_body_bytes}): a body of the largest "
+                "size allowed could never be received"
+            )
+        return self
 
     @model_validator(mode="after")
     def _in_flight_bounds(self) -> Settings:
@@ -284,9 +398,10 @@ def load_settings(secrets_dir: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as error:
         problems = []
         for detail in error.errors(include_url=False, include_input=False):
-            field = str(detail["loc"][0]) if detail["loc"] else "settings"
             message = detail["msg"].removeprefix("Value error, ")
             if detail["type"] == "missing":
                 message = "is required"
-            problems.append(f"{env_name(field)} {message}")
+            # A check across settings names them itself.
+            named = f"{env_name(str(detail['loc'][0]))} " if detail["loc"] else ""
+            problems.append(f"{named}{message}")
         raise SettingsError("; ".join(problems)) from None

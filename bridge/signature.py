@@ -143,6 +143,14 @@ class SignatureVerifier:
         Raises :class:`MalformedWebhookHeaders`, :class:`TimestampOutOfTolerance`
         or :class:`SignatureMismatch`; never anything else, whatever the input.
         """
+        return self.match(headers, self.check_headers(headers), body)
+
+    def check_headers(self, headers: WebhookHeaders) -> list[bytes]:
+        """Everything that needs no body: the headers' form and the timestamp's age.
+
+        Returns the ``v1`` signatures to :meth:`match` the body against. Raises
+        :class:`MalformedWebhookHeaders` or :class:`TimestampOutOfTolerance`.
+        """
         if _WEBHOOK_ID.fullmatch(headers.webhook_id) is None:
             raise MalformedWebhookHeaders("webhook-id must be 1-255 printable ASCII characters")
         if _TIMESTAMP.fullmatch(headers.timestamp) is None:
@@ -153,7 +161,11 @@ class SignatureVerifier:
         if abs(skew) > self._tolerance_seconds:
             direction = "old" if skew > 0 else "far in the future"
             raise TimestampOutOfTolerance(f"webhook-timestamp is too {direction} ({skew:+d} s)")
+        return candidates
 
+    def match(self, headers: WebhookHeaders, candidates: list[bytes], body: bytes) -> int:
+        """The index of the secret whose signature of ``body`` is among ``candidates``
+        (from :meth:`check_headers`); raises :class:`SignatureMismatch` if none is."""
         signed_prefix = f"{headers.webhook_id}.{headers.timestamp}.".encode()
         for index, keyed_mac in enumerate(self._keyed_macs):
             mac = keyed_mac.copy()

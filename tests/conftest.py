@@ -34,8 +34,9 @@ from bridge.signature import decode_secret, sign
 
 AMQP_URL = os.environ.get("BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
-# Fixtures shared by the load tests, in the module that defines the sender.
-pytest_plugins = ("tests.sender",)
+# Fixtures shared by the load tests and by the installed-package tests, in the modules
+# that define the sender and the install profiles.
+pytest_plugins = ("tests.sender", "tests.install_profiles")
 
 
 def pamqp_properties(properties: MessageProperties) -> Basic.Properties:
@@ -100,6 +101,8 @@ def make_settings(signer: Signer, **overrides: Any) -> Settings:
         "exchange": unique_name("test.webhooks"),
         "publish_timeout": 2.0,
         "drain_timeout": 5.0,
+        # One port for webhooks and /healthz, /readyz, /metrics unless a test asks otherwise.
+        "metrics_port": 0,
     }
     values.update(overrides)
     return load_settings(secrets_dir=None, **values)
@@ -304,6 +307,7 @@ def bridge_environment(
         BRIDGE_EXCHANGE=exchange,
         BRIDGE_HOST="127.0.0.1",
         BRIDGE_PORT=str(port),
+        BRIDGE_METRICS_PORT="0",
         BRIDGE_LOG_FORMAT="json",
         BRIDGE_DRAIN_TIMEOUT="10",
     )

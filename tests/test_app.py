@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from bridge.app import WEBHOOK_PATH, create_app, dispatch_webhooks_directly
+from bridge.app import (
+    OPERATIONS_PATHS,
+    SERVER_OPTIONS,
+    WEBHOOK_PATH,
+    create_app,
+    create_operations_app,
+    dispatch_webhooks_directly,
+)
 from bridge.publisher import (
     QUARANTINE_REASON_HEADER,
     VALIDATED_HEADER,
@@ -18,16 +28,19 @@ from bridge.publisher import (
     Outcome,
 )
 from bridge.samples import sample_body
-from bridge.settings import Settings
+from bridge.settings import Settings, SettingsError
 from tests.conftest import AiohttpClient, Client, FakePublisher, Signer, make_settings
 
 
 async def client_for(
-    aiohttp_client: AiohttpClient, settings: Settings, publisher: FakePublisher
+    aiohttp_client: Callable[..., Awaitable[Client]], settings: Settings, publisher: FakePublisher
 ) -> Client:
-    """A client of the app served as ``bridge serve`` serves it: webhook POSTs directly."""
+    """A client of the app served as ``bridge serve`` serves it: with its server options,
+    and webhook POSTs dispatched directly."""
     app = create_app(settings, publisher)
-    client = await aiohttp_client(app)
+    server = TestServer(app)
+    await server.start_server(**SERVER_OPTIONS)
+    client = await aiohttp_client(server)
     dispatch_webhooks_directly(low_level_server(client), app)  # before its first connection
     return client
 
@@ -37,6 +50,12 @@ def low_level_server(client: Client) -> web.Server:
     assert runner is not None
     assert runner.server is not None
     return runner.server
+
+
+@pytest.fixture
+def settings(signer: Signer) -> Settings:
+    """One port, so that one client sees the webhooks and /healthz, /readyz and /metrics."""
+    return make_settings(signer, metrics_port=0)
 
 
 @pytest.fixture
@@ -317,13 +336,77 @@ async def test_readiness_turns_503_as_soon_as_shutdown_begins(client: Client) ->
     assert await response.json() == {"status": "shutting down"}
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
-async def test_a_body_that_does_not_decompress_is_a_400(
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd", "gzip, identity", "x"])
+async def test_an_encoded_body_is_refused_with_415(
     client: Client, signer: Signer, fake_publisher: FakePublisher, encoding: str
 ) -> None:
-    body = b"not compressed at all"
+    body = gzip.compress(sample_body("batch.completed"))
     headers = {**signer.headers(body), "Content-Encoding": encoding}
     response = await client.post(WEBHOOK_PATH, data=body, headers=headers)
-    assert response.status == 400
-    assert (await response.json())["detail"] == "body could not be decoded"
+    assert response.status == 415
+    assert response.headers["Accept-Encoding"] == "identity"
+    assert (await response.json())["error"] == "unsupported_encoding"
     assert fake_publisher.published == []
+
+
+async def test_identity_encoding_is_accepted(
+    client: Client, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    body = sample_body("batch.completed")
+    headers = {**signer.headers(body), "Content-Encoding": "Identity"}
+    response = await client.post(WEBHOOK_PATH, data=body, headers=headers)
+    assert response.status == 200
+    assert [message.body for message in fake_publisher.published] == [body]
+
+
+async def test_operations_move_to_their_own_app_when_given_a_port(
+    aiohttp_client: AiohttpClient, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    app = create_app(make_settings(signer, metrics_port=9999), fake_publisher)
+    webhooks = await aiohttp_client(app)
+    operations = await aiohttp_client(create_operations_app(app))
+    for path in OPERATIONS_PATHS:
+        assert (await webhooks.get(path)).status == 404, path
+        assert (await operations.get(path)).status == 200, path
+    body = sample_body("batch.completed")
+    response = await webhooks.post(WEBHOOK_PATH, data=body, headers=signer.headers(body))
+    assert response.status == 200
+    exposition = await (await operations.get("/metrics")).text()
+    assert 'webhook_bridge_requests_total{outcome="published"} 1.0' in exposition
+    assert (await operations.post(WEBHOOK_PATH, data=body)).status == 404
+    fake_publisher.ready = False
+    assert (await operations.get("/readyz")).status == 503
+
+
+async def test_port_zero_keeps_operations_on_the_webhook_port(
+    aiohttp_client: AiohttpClient, signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    client = await aiohttp_client(create_app(make_settings(signer, metrics_port=0), fake_publisher))
+    for path in OPERATIONS_PATHS:
+        assert (await client.get(path)).status == 200, path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"port": 8080, "metrics_port": 8080}, "BRIDGE_METRICS_PORT (8080) is BRIDGE_PORT too"),
+        (
+            {"max_body_bytes": 4096, "max_buffered_bytes": 2048},
+            "BRIDGE_MAX_BUFFERED_BYTES (2048) is below BRIDGE_MAX_BODY_BYTES (4096)",
+        ),
+    ],
+    ids=["same-port", "budget-below-body"],
+)
+def test_settings_that_cannot_work_are_refused(
+    signer: Signer, overrides: dict[str, int], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        make_settings(signer, **overrides)
+
+
+def test_defaults_keep_operations_apart_and_hold_many_of_the_largest_bodies() -> None:
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert defaults["metrics_port"] == 8081
+    assert defaults["metrics_port"] != defaults["port"]
+    assert defaults["max_buffered_bytes"] == 32 * 1024 * 1024
+    assert defaults["max_buffered_bytes"] // defaults["max_body_bytes"] == 128

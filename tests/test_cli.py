@@ -19,7 +19,7 @@ import pytest
 from bridge.app import METRICS_FLUSH_SECONDS
 from bridge.samples import sample_body
 from bridge.server import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collection
-from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer
+from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, free_port, new_secret
 
 
 def serve_with(secret: str | None, *flags: str) -> subprocess.CompletedProcess[str]:
@@ -66,10 +66,81 @@ def test_a_weak_second_secret_also_stops_start_up(signer: Signer) -> None:
     assert signer.secret not in result.stderr
 
 
-def test_flags_override_the_environment(signer: Signer) -> None:
-    result = serve_with(signer.secret, "--webhook-secret", SHORT_SECRET)
+def test_flags_override_the_environment(signer: Signer, tmp_path: Path) -> None:
+    short_secret_file = tmp_path / "short"
+    short_secret_file.write_text(SHORT_SECRET)
+    result = serve_with(signer.secret, "--webhook-secret-file", str(short_secret_file))
     assert result.returncode == 2
     assert "decodes to 16 bytes" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("serve", "--amqp-url"),
+        ("serve", "--dedup-url"),
+        ("consume", "#", "--amqp-url"),
+        ("replay", "--from", "unrouted", "--amqp-url"),
+    ],
+    ids=lambda command: " ".join(command),
+)
+def test_a_password_on_the_command_line_is_refused(command: tuple[str, ...]) -> None:
+    scheme = "redis" if command[-1] == "--dedup-url" else "amqp"
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", *command, f"{scheme}://user:hunter2@127.0.0.1:1/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "must not hold a password" in line
+    assert "environment" in line
+    assert "hunter2" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("serve",), ("trigger", "--all"), ("consume", "#"), ("replay", "--from", "unrouted")],
+    ids=lambda command: command[0],
+)
+def test_no_flag_takes_a_secret_value(command: tuple[str, ...]) -> None:
+    secret = new_secret()
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", *command, "--webhook-secret", secret],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --webhook-secret" in result.stderr
+    assert secret.removeprefix("whsec_") not in result.stderr
+
+
+def test_a_secret_read_from_standard_input(signer: Signer) -> None:
+    def trigger_with(stdin: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *(sys.executable, "-m", "bridge", "trigger", "batch.completed"),
+                *("--url", f"http://127.0.0.1:{free_port()}/webhooks/openai"),
+                *("--webhook-secret-file", "-"),
+            ],
+            input=stdin,
+            env={key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    refused = trigger_with(SHORT_SECRET + "\n")
+    assert refused.returncode == 2
+    assert "--webhook-secret-file -: secret #1 decodes to 16 bytes" in refused.stderr
+    signed = trigger_with(signer.secret + "\n")
+    assert signed.returncode == 1  # signed and sent; nobody listens there
+    assert "batch.completed" in signed.stdout
 
 
 def test_python_dash_m_and_console_script_share_the_parser() -> None:
@@ -79,7 +150,7 @@ def test_python_dash_m_and_console_script_share_the_parser() -> None:
         text=True,
         check=True,
     )
-    for flag in ("--webhook-secret", "--amqp-url", "--exchange", "--drain-timeout", "--port"):
+    for flag in ("--webhook-secret-file", "--amqp-url", "--exchange", "--drain-timeout", "--port"):
         assert flag in result.stdout
 
 

@@ -495,20 +495,20 @@ async def test_verification_refuses_a_message_id_other_than_the_signed_webhook_i
     assert await ready_count(broker, queue) == 0
 
 
-# --- the README's examples, run as written against the real bridge -------------------
+# --- the tutorial's examples, run as written against the real bridge -----------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+TUTORIAL = Path(__file__).resolve().parent.parent / "docs" / "tutorials" / "writing-a-consumer.md"
 
 
-def readme_example(heading: str, replacements: dict[str, str]) -> dict[str, Any]:
+def tutorial_example(heading: str, replacements: dict[str, str]) -> dict[str, Any]:
     """Run the first Python block under ``heading`` with ``replacements`` made, each once."""
-    section = README.read_text().split(f"\n{heading}\n", 1)[1]
+    section = TUTORIAL.read_text().split(f"\n{heading}\n", 1)[1]
     source = section.split("```python\n", 1)[1].split("\n```", 1)[0]
     for old, new in replacements.items():
-        assert source.count(old) == 1, f"the README example no longer contains {old!r}"
+        assert source.count(old) == 1, f"the tutorial's example no longer contains {old!r}"
         source = source.replace(old, new)
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(source, str(README), "exec"), namespace)
+    namespace: dict[str, Any] = {"__name__": "tutorial_example"}
+    exec(compile(source, str(TUTORIAL), "exec"), namespace)
     return namespace
 
 
@@ -539,7 +539,7 @@ async def wait_for_queue(broker: Broker, queue: str) -> None:
 
 
 @pytest.mark.broker
-async def test_the_readme_consumer_example_works_as_written(
+async def test_the_tutorial_consumer_example_works_as_written(
     start_bridge: Callable[..., BridgeProcess],
     broker: Broker,
     signer: Signer,
@@ -554,8 +554,8 @@ async def test_the_readme_consumer_example_works_as_written(
     monkeypatch.setenv("BRIDGE_AMQP_URL", AMQP_URL)
     monkeypatch.setenv("BRIDGE_EXCHANGE", bridge.exchange)
     monkeypatch.setenv("BRIDGE_WEBHOOK_SECRET", signer.secret)
-    example = readme_example(
-        "## Consuming events",
+    example = tutorial_example(
+        "## The consumer",
         {'queue="billing"': f'queue="{queue}"', '"billing.dlx"': f'"{dead_letters}"'},
     )
     completed, failed, unknown = (
@@ -565,7 +565,7 @@ async def test_the_readme_consumer_example_works_as_written(
     )
     forged = sample_body("batch.completed")
 
-    task = asyncio.create_task(example["main"]())
+    task = asyncio.create_task(example["main"](events_to_handle=100))
     try:
         await wait_for_queue(broker, queue)
         await publish_raw(
@@ -574,17 +574,18 @@ async def test_the_readme_consumer_example_works_as_written(
         await post_to(bridge, signer, completed, failed, unknown)
         printed: list[str] = []
 
-        def three_lines_printed() -> bool:
+        def four_lines_printed() -> bool:
             printed.extend(capsys.readouterr().out.splitlines())
-            return len(printed) >= 3
+            return len(printed) >= 4
 
-        await wait_until(three_lines_printed)
+        await wait_until(four_lines_printed)
         dead = await broker.get(dead_letters)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
     assert printed == [
+        f"waiting for batch events on queue {queue}",
         f"batch {json.loads(completed)['data']['id']} completed",
         f"batch {json.loads(failed)['data']['id']} failed",
         "batch.archived: not modelled yet, body kept in delivery.body",
@@ -593,7 +594,7 @@ async def test_the_readme_consumer_example_works_as_written(
 
 
 @pytest.mark.broker
-async def test_the_readme_faststream_example_works_as_written(
+async def test_the_tutorial_faststream_example_works_as_written(
     start_bridge: Callable[..., BridgeProcess],
     broker: Broker,
     signer: Signer,
@@ -604,8 +605,8 @@ async def test_the_readme_faststream_example_works_as_written(
     await bridge.wait_ready()
     queue = unique_name("test.queue")
     broker.created_queues.append(queue)
-    example = readme_example(
-        "### With FastStream",
+    example = tutorial_example(
+        "## With FastStream",
         {
             '"amqp://guest:guest@localhost:5672/"': repr(AMQP_URL),
             '"openai.webhooks"': repr(bridge.exchange),
@@ -679,8 +680,8 @@ COOKBOOK_EXPECTATIONS = {
 
 
 def cookbook_rows() -> dict[str, list[str]]:
-    """The README's binding cookbook: what each row receives, and its patterns."""
-    section = README.read_text().split("\n### Binding cookbook\n", 1)[1].split("\n## ", 1)[0]
+    """The tutorial's binding cookbook: what each row receives, and its patterns."""
+    section = TUTORIAL.read_text().split("\n### Binding cookbook\n", 1)[1].split("\n## ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -690,7 +691,7 @@ def cookbook_rows() -> dict[str, list[str]]:
 
 
 @pytest.mark.broker
-async def test_the_readme_binding_cookbook_receives_what_it_says(
+async def test_the_tutorial_binding_cookbook_receives_what_it_says(
     broker: Broker, exchange: str, signer: Signer
 ) -> None:
     rows = cookbook_rows()

@@ -301,8 +301,10 @@ def test_the_window_defaults_to_openais_retry_horizon_with_redis(signer: Signer)
         ({"dedup_url": "redis://h/0", "dedup_window": 0}, "BRIDGE_DEDUP_WINDOW must be positive"),
         ({"dedup_on_error": "ignore"}, "BRIDGE_DEDUP_ON_ERROR"),
         ({"dedup_timeout": 0}, "BRIDGE_DEDUP_TIMEOUT"),
+        ({"dedup_window": 599}, r"\(599 s, BRIDGE_DEDUP_WINDOW\) must cover twice"),
+        ({"timestamp_tolerance": 301}, r"\(600 s, BRIDGE_DEDUP_WINDOW\) must cover twice"),
     ],
-    ids=["scheme", "no-host", "zero-window", "mode", "timeout"],
+    ids=["scheme", "no-host", "zero-window", "mode", "timeout", "short-window", "long-tolerance"],
 )
 def test_bad_dedup_settings_stop_the_process(
     signer: Signer, overrides: dict[str, object], message: str

@@ -302,9 +302,24 @@ def test_probes() -> None:
     liveness = container["livenessProbe"]["httpGet"]
     assert readiness["path"] == "/readyz"
     assert liveness["path"] == "/healthz"
-    port = int(_config()["BRIDGE_PORT"])
-    assert _container_port(readiness["port"]) == port
-    assert _container_port(liveness["port"]) == port
+    operations = _operations_port()
+    assert _container_port(readiness["port"]) == operations
+    assert _container_port(liveness["port"]) == operations
+
+
+def _webhook_port() -> int:
+    return int(_config()["BRIDGE_PORT"])
+
+
+def _operations_port() -> int:
+    port = int(_config()["BRIDGE_METRICS_PORT"])
+    assert port not in (0, _webhook_port()), "operations on a port of their own"
+    return port
+
+
+def test_container_declares_both_ports() -> None:
+    declared = {port["containerPort"] for port in _container()["ports"]}
+    assert declared == {_webhook_port(), _operations_port()}
 
 
 def test_secret_mounted_as_files_and_config_from_configmap() -> None:
@@ -345,7 +360,7 @@ def test_replicas_spread_and_scrape_annotations() -> None:
         assert _selects_pods(constraint["labelSelector"])
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
-    assert int(annotations["prometheus.io/port"]) == int(_config()["BRIDGE_PORT"])
+    assert int(annotations["prometheus.io/port"]) == _operations_port()
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
@@ -353,9 +368,9 @@ def test_service() -> None:
     service = _only("Service")["spec"]
     assert service.get("type", "ClusterIP") == "ClusterIP"
     assert _selects_pods(service["selector"])
-    (port,) = service["ports"]
+    (port,) = service["ports"]  # the webhook port only: probes and scrapes reach pods directly
     assert port["port"] == 80
-    assert _container_port(port["targetPort"]) == 8080
+    assert _container_port(port["targetPort"]) == _webhook_port() == 8080
 
 
 def test_pod_disruption_budget() -> None:
@@ -396,16 +411,58 @@ def test_network_policy() -> None:
     assert _selects_pods(spec["podSelector"])
     assert "Ingress" in spec["policyTypes"]
     assert spec["ingress"], "an empty ingress list would deny the webhooks themselves"
+    admitted: dict[int, list[list[dict[str, Any]]]] = {}
     for rule in spec["ingress"]:
         # A rule without ports would open every port.
         assert rule.get("ports"), rule
         for port in rule["ports"]:
             assert port.get("protocol", "TCP") == "TCP"
-            assert _container_port(port["port"]) == 8080
+            admitted.setdefault(_container_port(port["port"]), []).append(rule.get("from", []))
+    assert set(admitted) == {_webhook_port(), _operations_port()}
+    assert admitted[_webhook_port()] == [[]], "anyone may send webhooks"
+    [sources] = admitted[_operations_port()]
+    assert sources == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ], "only the monitoring namespace reaches /metrics (and the node's kubelet the probes)"
     if "Egress" in spec["policyTypes"]:
         for rule in spec.get("egress", []):
             assert rule.get("ports"), "egress rules name their ports"
             assert {port["port"] for port in rule["ports"]} <= {53, 5671, 5672}
+
+
+def test_buffered_bodies_fit_in_the_memory_limit() -> None:
+    limit = _container()["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    config = _config()
+    budget = int(config["BRIDGE_MAX_BUFFERED_BYTES"])
+    assert budget >= int(config["BRIDGE_MAX_BODY_BYTES"])
+    # Measured (tests/test_flood.py): 60 MiB at rest, and under a flood of 500 connections
+    # the budget's bodies plus about 50 KiB a connection.
+    per_worker = budget + 25 * 2**20
+    assert 64 * 2**20 + int(config["BRIDGE_WORKERS"]) * per_worker <= int(limit[:-2]) * 2**20 // 2
+
+
+def test_example_ingress_routes_only_the_webhook_path() -> None:
+    (ingress,) = _load_all(DEPLOY / "ingress.yaml")
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(ingress, desired_version=version, strict=True)
+    assert ingress["metadata"]["labels"]["app.kubernetes.io/name"] == "webhook-bridge"
+    assert "ingress.yaml" not in _kustomization()["resources"], "an example, with example hosts"
+    service = _only("Service")
+    [(port,)] = [service["spec"]["ports"]]
+    paths = [path for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]]
+    assert paths == [
+        {
+            "path": "/webhooks/openai",
+            "pathType": "Exact",
+            "backend": {
+                "service": {"name": service["metadata"]["name"], "port": {"name": port["name"]}}
+            },
+        }
+    ]
+    assert "defaultBackend" not in ingress["spec"]
+    body_size = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert int(body_size.removesuffix("k")) * 1024 == int(_config()["BRIDGE_MAX_BODY_BYTES"])
 
 
 def _image_references() -> list[str]:
@@ -478,6 +535,7 @@ def test_no_real_looking_webhook_secret_in_deployment_files() -> None:
         DOCKERFILE,
         ROOT / ".dockerignore",
         ROOT / "README.md",
+        *(ROOT / "docs").rglob("*.md"),
     ]
     offenders = [
         str(path.relative_to(ROOT))
@@ -520,7 +578,8 @@ def test_compose_wiring() -> None:
     assert consumer["image"] == bridge["image"]
     assert consumer["command"] == ["consume", "#"]
     assert bridge.get("command", ["serve"]) == ["serve"]
-    assert "8080:8080" in [str(port) for port in bridge["ports"]]
+    assert sorted(str(port) for port in bridge["ports"]) == ["127.0.0.1:8081:8081", "8080:8080"]
+    assert "BRIDGE_METRICS_PORT" not in bridge.get("environment", {}), "8081 is the default"
     for service in (bridge, consumer):
         assert ".env.bridge" in _env_files(service)
         assert str(service["environment"]["BRIDGE_DECLARE_TOPOLOGY"]).lower() == "false"
@@ -696,7 +755,7 @@ def test_dockerfile_is_multi_stage_with_pinned_bases() -> None:
 
 def test_dockerfile_takes_the_python_image_for_both_stages() -> None:
     """``--build-arg PYTHON_IMAGE=...`` swaps the base of the builder and the runtime alike."""
-    assert _global_build_args()["PYTHON_IMAGE"].endswith("-slim-bookworm")
+    assert _global_build_args()["PYTHON_IMAGE"].partition("@sha256:")[0].endswith("-slim-bookworm")
     stages = _dockerfile_stages()
     assert [stage[0].arguments.split()[0] for stage in stages] == ["${PYTHON_IMAGE}"] * 2
 
@@ -712,12 +771,13 @@ def test_dockerfile_runtime_stage() -> None:
     healthchecks = _arguments(final, "HEALTHCHECK")
     assert len(healthchecks) == 1
     assert "/healthz" in healthchecks[0]
+    assert "BRIDGE_METRICS_PORT', '8081'" in healthchecks[0], "probes the operations port"
     assert "curl" not in healthchecks[0]
     assert "wget" not in healthchecks[0]
 
     assert [json.loads(a) for a in _arguments(final, "ENTRYPOINT")][-1] == ["webhook-bridge"]
     assert [json.loads(a) for a in _arguments(final, "CMD")][-1] == ["serve"]
-    assert "8080" in " ".join(_arguments(final, "EXPOSE")).split()
+    assert {"8080", "8081"} <= set(" ".join(_arguments(final, "EXPOSE")).split())
 
     env = " ".join(_arguments(final, "ENV"))
     assert re.search(r"\bPYTHONDONTWRITEBYTECODE=1\b", env)

@@ -4,6 +4,7 @@ and the stand-in against the real ``openai`` SDK so that it cannot drift from Op
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import stat
@@ -176,6 +177,7 @@ def test_rotate_secret_keep_old_puts_the_new_one_first(
     older = new_secret()
     secret_file = tmp_path / SECRET_FILE_NAME
     secret_file.write_text(f"{current},{older}\n")
+    secret_file.chmod(0o640)  # the bridge reads it through its group
     inode_before = secret_file.stat().st_ino
     renames: list[tuple[str, str, str]] = []
     real_replace = os.replace
@@ -192,7 +194,7 @@ def test_rotate_secret_keep_old_puts_the_new_one_first(
     new = standin.state.endpoints[endpoint_id].secret
     assert new != current
     assert secrets_in(secret_file) == [new, current, older]
-    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o640
     # Written whole to a temporary file beside it, then renamed over it.
     ((source, target, content),) = renames
     assert Path(source).parent == tmp_path
@@ -253,11 +255,82 @@ def test_list_update_delete(
     assert nothing.code == 2
     assert "nothing to change" in nothing.err
 
-    deleted = endpoints("delete", ids[1])
+    deleted = endpoints("delete", ids[1], "--yes")
     assert deleted.code == 0
     assert f"deleted {ids[1]}" in deleted.out
     assert ids[1] not in standin.state.endpoints
     for outcome in (listed, as_json, updated, deleted):
+        assert_no_secret_printed(outcome, standin.state)
+
+
+class Terminal:
+    """Standard input as a terminal where the user types ``answer``."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        return self.answer + "\n"
+
+
+def test_delete_asks_on_a_terminal_and_needs_yes_elsewhere(
+    endpoints: typing.Callable[..., Outcome],
+    standin: RunningStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    endpoint_id = standin.state.add_endpoint(name="keep-me")
+    unattended = endpoints("delete", endpoint_id)
+    assert unattended.code == 2
+    assert "--yes" in unattended.err
+    monkeypatch.setattr(sys, "stdin", Terminal("n"))
+    declined = endpoints("delete", endpoint_id)
+    assert declined.code == 1
+    assert f"delete webhook endpoint {endpoint_id}?" in declined.out
+    assert endpoint_id in standin.state.endpoints
+    assert not [request for request in standin.state.requests if request[0] == "DELETE"]
+
+    monkeypatch.setattr(sys, "stdin", Terminal("y"))
+    accepted = endpoints("delete", endpoint_id)
+    assert accepted.code == 0, accepted.err
+    assert endpoint_id not in standin.state.endpoints
+
+
+def test_every_action_prints_json_with_json(
+    endpoints: typing.Callable[..., Outcome],
+    standin: RunningStandIn,
+    tmp_path: Path,
+) -> None:
+    secret_file = tmp_path / SECRET_FILE_NAME
+    nobody_listens = f"http://127.0.0.1:{free_port()}/webhooks/openai"
+    created = endpoints(
+        *("create", "--url", nobody_listens, "--name", "a"),
+        *("--secret-file", str(secret_file), "--json"),
+    )
+    assert created.code == 0, created.err
+    record = json.loads(created.out)
+    endpoint_id = record["id"]
+    assert record["secret_file"] == str(secret_file)
+    assert record["secrets_in_file"] == 1
+    assert "signing_secret" not in record
+
+    updated = endpoints("update", endpoint_id, "--name", "b", "--json")
+    assert json.loads(updated.out)["name"] == "b"
+    tested = endpoints("test", endpoint_id, "--type", "batch.completed", "--json")
+    assert tested.code == 1  # nobody answered the delivery
+    assert json.loads(tested.out)["webhook_endpoint_id"] == endpoint_id
+    rotated = json.loads(
+        endpoints(
+            "rotate-secret", endpoint_id, "--keep-old", "--secret-file", str(secret_file), "--json"
+        ).out
+    )
+    assert rotated["secrets_in_file"] == 2
+    assert rotated["previous_secret_valid_until"] is not None
+    deleted = json.loads(endpoints("delete", endpoint_id, "--yes", "--json").out)
+    assert deleted == {"id": endpoint_id, "deleted": True, "object": "webhook_endpoint.deleted"}
+    for outcome in (created, updated):
         assert_no_secret_printed(outcome, standin.state)
 
 
@@ -290,7 +363,7 @@ def test_organization_and_project_headers(
     ("arrange", "args", "expected"),
     [
         ("bad_key", ("list",), "OpenAI refused the API key (401): Incorrect API key provided."),
-        ("none", ("delete", "we_missing"), "not found (404): No webhook endpoint found"),
+        ("none", ("delete", "we_missing", "--yes"), "not found (404): No webhook endpoint found"),
         ("rate_limited", ("list",), "rate limited by OpenAI (429): Rate limit reached"),
         ("none", ("test", "we_missing", "--type", "batch.completed"), "not found (404)"),
         ("none", ("update", "we_missing", "--name", "x"), "not found (404)"),

@@ -7,9 +7,11 @@ Requests are written as raw bytes so that headers a well-behaved client refuses 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gzip
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from aiohttp import web
@@ -17,7 +19,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.app import WEBHOOK_PATH, create_app
+from bridge.app import INGRESS, SERVER_OPTIONS, WEBHOOK_PATH, create_app
 from bridge.samples import sample_body
 from bridge.settings import Settings
 from tests.conftest import FakePublisher, Signer, make_settings
@@ -27,10 +29,25 @@ VALID_STATUSES = {200, 400, 401, 408, 413, 431}
 
 @pytest.fixture
 async def server(settings: Settings, fake_publisher: FakePublisher) -> AsyncIterator[TestServer]:
-    test_server = TestServer(create_app(settings, fake_publisher), host="127.0.0.1")
-    await test_server.start_server()
-    yield test_server
-    await test_server.close()
+    async with served(create_app(settings, fake_publisher)) as test_server:
+        yield test_server
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application) -> AsyncIterator[TestServer]:
+    """``app`` on a loopback port, with the server options ``webhook-bridge serve`` uses."""
+    test_server = TestServer(app, host="127.0.0.1")
+    await test_server.start_server(**SERVER_OPTIONS)
+    try:
+        yield test_server
+    finally:
+        await test_server.close()
+
+
+def chunked_head(headers: dict[str, str]) -> bytes:
+    lines = [f"POST {WEBHOOK_PATH} HTTP/1.1", "Host: x", "Transfer-Encoding: chunked"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def request_bytes(
@@ -158,13 +175,10 @@ async def test_a_ten_mebibyte_body_is_refused_before_it_is_sent(
 
 
 async def test_a_ten_mebibyte_chunked_body_is_cut_off_at_the_limit(
-    server: TestServer, fake_publisher: FakePublisher
+    server: TestServer, fake_publisher: FakePublisher, signer: Signer
 ) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    head = (
-        f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-        "webhook-id: wh_1\r\nwebhook-timestamp: 1\r\nwebhook-signature: v1,x\r\n\r\n"
-    ).encode()
+    head = chunked_head(signer.headers(b"{}"))
     writer.write(head)
     chunk = b"%x\r\n%s\r\n" % (64 * 1024, b" " * 64 * 1024)
     sent = 0
@@ -188,23 +202,11 @@ async def test_a_chunked_body_over_the_limit_received_whole_is_413(
     # Headers and every chunk in one write: the body is complete before the handler
     # runs, so it is taken from the buffer at once, and its size checked there.
     app = create_app(make_settings(signer, max_body_bytes=1024), fake_publisher)
-    small_server = TestServer(app, host="127.0.0.1")
-    await small_server.start_server()
-    try:
+    async with served(app) as small_server:
         body = sample_body("batch.completed").ljust(2048)
-        headers = {name: value.encode() for name, value in signer.headers(body).items()}
-        head = b"".join(
-            [
-                f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: x\r\n".encode(),
-                b"Transfer-Encoding: chunked\r\n",
-                *(name.encode() + b": " + value + b"\r\n" for name, value in headers.items()),
-                b"\r\n",
-            ]
-        )
+        head = chunked_head(signer.headers(body))
         chunked = b"".join(b"%x\r\n%s\r\n" % (256, body[i : i + 256]) for i in range(0, 2048, 256))
         status, rest = await exchange(small_server.port or 0, head, chunked + b"0\r\n\r\n")
-    finally:
-        await small_server.close()
     assert status == 413
     assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {
         "error": "too_large",
@@ -217,9 +219,7 @@ async def test_a_slow_body_is_timed_out_while_others_are_served(
     signer: Signer, fake_publisher: FakePublisher
 ) -> None:
     app: web.Application = create_app(make_settings(signer, body_timeout=1.0), fake_publisher)
-    slow_server = TestServer(app, host="127.0.0.1")
-    await slow_server.start_server()
-    try:
+    async with served(app) as slow_server:
         port = slow_server.port or 0
         body = sample_body("batch.completed")
         headers = {name: value.encode() for name, value in signer.headers(body).items()}
@@ -236,5 +236,117 @@ async def test_a_slow_body_is_timed_out_while_others_are_served(
         assert int(status_line.split()[1]) == 408
         assert time.monotonic() - started < 9
         assert len(fake_publisher.published) == 1
+
+
+def signed(signer: Signer, body: bytes, **extra: bytes) -> dict[str, bytes]:
+    return {name: value.encode() for name, value in signer.headers(body).items()} | extra
+
+
+async def answered_before_the_body(port: int, head: bytes) -> tuple[int, bytes]:
+    """The status and head of the answer to ``head`` alone: the body it declares is never
+    sent, so the answer must come sooner than the body's time limit."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            answer = await reader.readuntil(b"\r\n\r\n")
+        return int(answer.split()[1]), answer
     finally:
-        await slow_server.close()
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "status"),
+    [
+        ({"webhook-timestamp": b"1"}, 401),
+        ({"webhook-signature": b"v1"}, 400),
+        ({"webhook-id": b"\xff"}, 400),
+        ({"Content-Encoding": b"gzip"}, 415),
+    ],
+    ids=["stale", "malformed-signature", "bad-id", "encoded"],
+)
+async def test_what_the_headers_refuse_is_refused_before_the_body_arrives(
+    server: TestServer,
+    fake_publisher: FakePublisher,
+    signer: Signer,
+    change: dict[str, bytes],
+    status: int,
+) -> None:
+    body = sample_body("batch.completed").ljust(256 * 1024)
+    head = request_bytes(signed(signer, body, **change), body)
+    answer, _ = await answered_before_the_body(server.port or 0, head)
+    assert answer == status
+    assert fake_publisher.published == []
+
+
+async def test_a_missing_header_is_refused_before_the_body_arrives(
+    server: TestServer, fake_publisher: FakePublisher, signer: Signer
+) -> None:
+    body = sample_body("batch.completed").ljust(256 * 1024)
+    headers = signed(signer, body)
+    del headers["webhook-signature"]
+    answer, _ = await answered_before_the_body(server.port or 0, request_bytes(headers, body))
+    assert answer == 400
+    assert fake_publisher.published == []
+
+
+async def test_a_decompression_bomb_is_refused_without_being_inflated(
+    server: TestServer, fake_publisher: FakePublisher, signer: Signer
+) -> None:
+    bomb = gzip.compress(b"\0" * (10 * 1024 * 1024))
+    assert len(bomb) < 20 * 1024
+    # Signed with the right secret: even an authentic compressed body is not inflated.
+    head = request_bytes(signed(signer, bomb, **{"Content-Encoding": b"gzip"}), bomb)
+    answer, answer_head = await answered_before_the_body(server.port or 0, head)
+    assert answer == 415
+    assert b"Accept-Encoding: identity" in answer_head
+    status, _ = await exchange(server.port or 0, head, bomb)
+    assert status == 415
+    assert fake_publisher.published == []
+
+
+async def test_bodies_held_at_once_are_bounded_by_the_budget(
+    signer: Signer, fake_publisher: FakePublisher
+) -> None:
+    app = create_app(
+        make_settings(signer, max_body_bytes=2048, max_buffered_bytes=3072), fake_publisher
+    )
+    budget = app[INGRESS].budget
+    async with served(app) as budget_server:
+        port = budget_server.port or 0
+        large = sample_body("batch.completed").ljust(2048)
+        stalled_reader, stalled = await asyncio.open_connection("127.0.0.1", port)
+        stalled.write(request_bytes(signed(signer, large), large) + large[:100])
+        await stalled.drain()
+        await wait_until(lambda: budget.held == 2048)
+
+        second = request_bytes(signed(signer, large), large)
+        status, rest = await answered_before_the_body(port, second)
+        assert status == 503
+        assert b"Retry-After: 5" in rest
+        assert b"Connection: close" in rest
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(chunked_head(signer.headers(large)) + b"%x\r\n%s\r\n" % (1500, large[:1500]))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert int((await reader.readline()).split()[1]) == 503, "chunks over the budget"
+        writer.close()
+
+        small = sample_body("batch.completed")
+        assert await status_of(port, signed(signer, small), small) == 200, "a small one fits"
+
+        stalled.close()  # the client goes away mid-body: its share comes back
+        await stalled_reader.read()
+        await wait_until(lambda: budget.held == 0)
+        assert await status_of(port, signed(signer, large), large) == 200
+    assert [message.body for message in fake_publisher.published] == [small, large]
+    exposition = app[INGRESS].metrics.exposition().decode()
+    assert 'webhook_bridge_requests_total{outcome="over_buffer_budget"} 2.0' in exposition
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)

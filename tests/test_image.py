@@ -22,6 +22,7 @@ from typing import IO, Any
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from bench.processes import descendants
 from bridge.samples import sample_body
@@ -36,6 +37,7 @@ from tests.conftest import (
     unique_name,
 )
 from tests.image import BUILD_TIMEOUT, BaseRecipe, ensure_base, tools_missing
+from tests.pins import IMAGE_CONSTRAINTS, read_pins
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +147,44 @@ def _readable_secrets_dir(directory: Path, signer: Signer) -> Path:
     secret.write_text(signer.secret)
     secret.chmod(0o644)
     return directory
+
+
+# What the image's venv holds, and the values its pins' environment markers are read against.
+INSTALLED_PROBE = """
+import importlib.metadata, json, platform, sys
+print(json.dumps({
+    "environment": {
+        "python_version": "%d.%d" % sys.version_info[:2],
+        "python_full_version": platform.python_version(),
+        "sys_platform": sys.platform,
+        "platform_system": platform.system(),
+        "platform_machine": platform.machine(),
+        "implementation_name": sys.implementation.name,
+        "platform_python_implementation": platform.python_implementation(),
+    },
+    "installed": {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()},
+}))
+"""
+# Installed from the pins to build the wheel, then removed from the image.
+WHEEL_BUILD_TOOLS = {"setuptools", "wheel"}
+
+
+def test_image_runs_exactly_the_hashed_pins(image: BuiltImage) -> None:
+    with _container(image) as container:
+        probe = subprocess.run(
+            ["buildah", "run", "--isolation", "chroot", container, "--",
+             "/opt/venv/bin/python", "-c", INSTALLED_PROBE],
+            check=True, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    found = json.loads(probe.stdout)
+    installed = {canonicalize_name(name): v for name, v in found["installed"].items()}
+    assert installed.pop(canonicalize_name("openai-webhook-bridge")) == "0.1.0"
+    pinned = {
+        pin.name: str(pin.version)
+        for pin in read_pins(IMAGE_CONSTRAINTS)
+        if pin.applies(found["environment"]) and pin.name not in WHEEL_BUILD_TOOLS
+    }
+    assert installed == pinned
 
 
 def test_compose_builds_the_image_this_test_builds() -> None:

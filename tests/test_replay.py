@@ -30,7 +30,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.app import WEBHOOK_PATH, create_app
-from bridge.cli import replay_and_report
+from bridge.cli.replay import replay_and_report
 from bridge.consumer import EventConsumer
 from bridge.publisher import (
     QUARANTINE_REASON_HEADER,

@@ -12,7 +12,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
-from bridge.cli import _ProgressBar
+from bridge.cli.replay import _ProgressBar
 from bridge.publisher import (
     QUARANTINE_REASON_HEADER,
     VALIDATED_HEADER,

@@ -394,13 +394,15 @@ async def test_sighup_with_a_fixed_secret_is_logged_and_changes_nothing(
 
 def test_only_secrets_read_from_the_file_can_reload(tmp_path: Path) -> None:
     (tmp_path / "bridge_webhook_secret").write_text(Signer().secret)
-    from_file = locate_secret_source(tmp_path, {"PATH": "/bin"}, given_as_flag=False)
+    from_file = locate_secret_source(tmp_path, {"PATH": "/bin"})
     assert from_file.path == tmp_path / "bridge_webhook_secret"
-    from_environment = locate_secret_source(
-        tmp_path, {"BRIDGE_WEBHOOK_SECRET": "x"}, given_as_flag=False
-    )
+    from_environment = locate_secret_source(tmp_path, {"BRIDGE_WEBHOOK_SECRET": "x"})
     assert from_environment.path is None
     assert "environment variable" in from_environment.description
-    from_flag = locate_secret_source(tmp_path, {}, given_as_flag=True)
-    assert from_flag.path is None
-    assert "--webhook-secret" in from_flag.description
+    named = tmp_path / "named"
+    from_flag = locate_secret_source(tmp_path, {"BRIDGE_WEBHOOK_SECRET": "x"}, flag_file=str(named))
+    assert from_flag.path == named
+    assert "--webhook-secret-file" in from_flag.description
+    from_standard_input = locate_secret_source(tmp_path, {}, flag_file="-")
+    assert from_standard_input.path is None
+    assert "standard input" in from_standard_input.description

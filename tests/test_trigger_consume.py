@@ -183,6 +183,9 @@ async def test_trigger_data_overrides_land_in_the_published_body(
     bridge = start_bridge()
     await bridge.wait_ready()
     queue = await broker.bind_queue(bridge.exchange, "#")
+    secret_file = tmp_path / "elsewhere" / "signing-secret"
+    secret_file.parent.mkdir()
+    secret_file.write_text(signer.secret)
     status, stdout, stderr = await run_cli(
         cli_environment(tmp_path),
         "trigger",
@@ -191,8 +194,8 @@ async def test_trigger_data_overrides_land_in_the_published_body(
         "data.id=batch_from_the_test",
         "--data",
         "created_at=1750000000",
-        "--webhook-secret",
-        signer.secret,
+        "--webhook-secret-file",
+        str(secret_file),
         "--url",
         bridge.url,
     )

@@ -6,13 +6,19 @@ hands its copy back to the queue until the first is done (then skips it) or rele
 (then handles it). A replica that dies while handling leaves a claim that expires after
 ``claim_ttl_seconds``, after which a redelivered copy is handled.
 
-Needs the ``redis`` extra (``pip install 'openai-webhook-bridge[redis]'``).
+Needs the ``redis`` extra (``pip install 'openai-webhook-bridge[redis]'``); without it,
+constructing the store raises :class:`~bridge.extras.MissingExtraError`.
 """
 
 from __future__ import annotations
 
-from bridge.dedup.redis_store import PipelinedCommands, RedisClaims, connect
+from typing import TYPE_CHECKING
+
 from bridge.dedup.store import Claim, ClaimState
+from bridge.extras import MissingExtraError, installed
+
+if TYPE_CHECKING:
+    from bridge.dedup.redis_store import RedisClaims
 
 
 class RedisIdempotencyStore:
@@ -37,7 +43,11 @@ class RedisIdempotencyStore:
             raise ValueError("namespace must name the consuming service, e.g. its queue")
         if ttl_seconds <= 0 or claim_ttl_seconds <= 0 or timeout <= 0:
             raise ValueError("ttl_seconds, claim_ttl_seconds and timeout must be positive")
-        self._claims = RedisClaims(
+        if not installed("redis"):
+            raise MissingExtraError(type(self).__name__, "redis")
+        from bridge.dedup.redis_store import PipelinedCommands, RedisClaims, connect
+
+        self._claims: RedisClaims = RedisClaims(
             PipelinedCommands(connect(url, timeout=timeout), timeout=timeout),
             prefix=f"webhook-consumer:{namespace}:",
         )

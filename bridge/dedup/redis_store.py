@@ -28,13 +28,17 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
-
 from bridge.dedup.store import Claim, ClaimState, StoreUnavailable
+from bridge.extras import MissingExtraError
+
+try:
+    from redis.asyncio import Redis
+    from redis.asyncio.connection import AbstractConnection
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import RedisError, ResponseError
+except ImportError as missing:
+    raise MissingExtraError(__name__, "redis") from missing
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ its signature verification and the publish up to the broker's confirm
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import random
 import re
@@ -22,6 +21,7 @@ from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from typing import NamedTuple, Protocol
 
+from bridge.extras import DISTRIBUTION, installed
 from bridge.settings import SettingsError
 
 __all__ = [
@@ -205,10 +205,10 @@ def from_environment(environ: Mapping[str, str] = os.environ) -> Tracing:
     the SDK or the named exporter is not installed."""
     if not _exporting_requested(environ):
         return PropagationOnly()
-    if importlib.util.find_spec("opentelemetry.sdk") is None:
+    if not installed("opentelemetry.sdk"):
         raise TracingConfigurationError(
             "OTEL_TRACES_EXPORTER or an OTLP endpoint is set, but the OpenTelemetry SDK is "
-            "not installed: install openai-webhook-bridge[otel], or unset them"
+            f"not installed: pip install '{DISTRIBUTION}[otel]', or unset them"
         )
     from bridge.tracing.otel import OpenTelemetryTracing
 

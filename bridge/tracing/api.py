@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from bridge.extras import MissingExtraError
+
+try:
+    from opentelemetry import trace
+    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError as missing:
+    raise MissingExtraError(__name__, "otel") from missing
 
 from bridge.tracing import SpanFactory, TraceContext
 

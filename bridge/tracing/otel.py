@@ -14,13 +14,18 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 
-from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.trace import SpanKind, StatusCode, Tracer
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from bridge.extras import DISTRIBUTION, MissingExtraError
+
+try:
+    from opentelemetry import trace
+    from opentelemetry.context import Context
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.trace import SpanKind, StatusCode, Tracer
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+except ImportError as missing:
+    raise MissingExtraError(__name__, "otel") from missing
 
 from bridge.tracing import (
     TRACEPARENT,
@@ -39,6 +44,10 @@ VERIFY_SPAN = "verify signature"
 PUBLISH_SPAN = "publish"
 _EXPORTER_GROUP = "opentelemetry_traces_exporter"
 _OTLP_BY_PROTOCOL = {"http/protobuf": "otlp_proto_http", "grpc": "otlp_proto_grpc"}
+_INSTALLED_BY = {
+    "otlp_proto_http": f"{DISTRIBUTION}[otel]",
+    "otlp_proto_grpc": "opentelemetry-exporter-otlp-proto-grpc",
+}
 SHUTDOWN_TIMEOUT_MILLIS = 5000
 
 _propagator = TraceContextTextMapPropagator()
@@ -64,8 +73,10 @@ def _exporter_names(environ: Mapping[str, str]) -> list[str]:
 def _exporter(name: str) -> SpanExporter:
     found = list(entry_points(group=_EXPORTER_GROUP, name=name))
     if not found:
+        package = _INSTALLED_BY.get(name)
         raise TracingConfigurationError(
             f"span exporter {name!r} (OTEL_TRACES_EXPORTER) is not installed"
+            + (f": pip install '{package}'" if package else "")
         )
     exporter: SpanExporter = found[0].load()()
     return exporter
