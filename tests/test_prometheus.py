@@ -169,7 +169,8 @@ async def _replay_series_names() -> set[str]:
 
 
 async def _send_every_outcome(bridge: BridgeProcess, signer: Signer) -> list[str]:
-    """3 published (one per type), 1 duplicate, 2 unauthorized, 1 bad request, 1 quarantined."""
+    """3 published (one per type), 1 duplicate, 2 unauthorized, 1 bad request, 1 quarantined,
+    1 unsupported encoding."""
     published_ids = []
     for event_type in EVENT_TYPES:
         body = sample_body(event_type)
@@ -183,6 +184,8 @@ async def _send_every_outcome(bridge: BridgeProcess, signer: Signer) -> list[str
         assert await post_webhook(bridge.url, body, Signer().headers(body)) == 401
     assert await post_webhook(bridge.url, b"{}", {"content-type": "application/json"}) == 400
     assert await bridge.post_signed(signer, b"not json") == 200
+    compressed = {**signer.headers(b"{}"), "content-encoding": "gzip"}
+    assert await post_webhook(bridge.url, b"{}", compressed) == 415
     return published_ids
 
 
@@ -216,6 +219,8 @@ async def test_prometheus_sees_what_the_bridge_did(
             "unrouted": 0,
             "too_large": 0,
             "unavailable": 0,
+            "unsupported_encoding": 1,
+            "over_buffer_budget": 0,
         }
         buckets = await prometheus.by_label(
             f'sum by (le) (webhook_bridge_publish_seconds_bucket{{job="{JOB}"}})', "le"
@@ -266,7 +271,10 @@ async def _check_dashboard_queries(prometheus: Prometheus) -> None:
 
     by_outcome = values("Requests by outcome", "outcome")
     happened = {outcome for outcome, rate in by_outcome.items() if rate > 0}
-    assert happened == {"published", "duplicate", "unauthorized", "bad_request", "quarantined"}
+    assert happened == {
+        *("published", "duplicate", "unauthorized", "bad_request", "quarantined"),
+        "unsupported_encoding",
+    }
     for answer in results["Publish latency (request to broker confirm)"]:
         (sample,) = answer
         latency = float(sample["value"][1])

@@ -85,7 +85,7 @@ def add_parser(commands: Commands) -> None:
         help="change an endpoint's URL, name or events",
         description="Change what is given; --events replaces the whole list.",
     )
-    update_parser.add_argument("endpoint_id", metavar="ID", help="the endpoint's id (we_...)")
+    _add_endpoint_id(update_parser)
     update_parser.add_argument("--url", help="the bridge's public HTTPS URL")
     update_parser.add_argument("--name", help="a name for the endpoint")
     update_parser.add_argument("--events", nargs="+", metavar="TYPE", help=events_help)
@@ -96,7 +96,7 @@ def add_parser(commands: Commands) -> None:
         description="Delete an endpoint: OpenAI stops sending to it. Asks first on a terminal; "
         "elsewhere --yes is required.",
     )
-    delete_parser.add_argument("endpoint_id", metavar="ID", help="the endpoint's id (we_...)")
+    _add_endpoint_id(delete_parser)
     delete_parser.add_argument("--yes", action="store_true", help="delete without asking")
 
     test_parser = actions.add_parser(
@@ -105,7 +105,7 @@ def add_parser(commands: Commands) -> None:
         description="OpenAI sends one sample delivery of TYPE to the endpoint; exits 1 unless "
         "the endpoint answered a 2xx.",
     )
-    test_parser.add_argument("endpoint_id", metavar="ID", help="the endpoint's id (we_...)")
+    _add_endpoint_id(test_parser)
     test_parser.add_argument(
         "--type", required=True, dest="event_type", metavar="TYPE", help="the event type to send"
     )
@@ -116,7 +116,7 @@ def add_parser(commands: Commands) -> None:
         description="OpenAI issues a new signing secret; it is written first in the secrets "
         "file (replaced atomically), never printed. A running bridge picks it up by itself.",
     )
-    rotate_parser.add_argument("endpoint_id", metavar="ID", help="the endpoint's id (we_...)")
+    _add_endpoint_id(rotate_parser)
     rotate_parser.add_argument(
         "--keep-old",
         action="store_true",
@@ -136,6 +136,10 @@ def add_parser(commands: Commands) -> None:
             "--json", action="store_true", help="print one JSON object per line"
         )
         action_parser.set_defaults(handler=_endpoints_command, act=act)
+
+
+def _add_endpoint_id(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("endpoint_id", metavar="ID", help="the endpoint's id (we_...)")
 
 
 def _add_secret_file_flag(parser: argparse.ArgumentParser) -> None:
