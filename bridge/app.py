@@ -16,7 +16,8 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from bridge.dedup import Deduplicator, DedupRefused, OnStoreError, store_from_settings
 from bridge.events import classify
-from bridge.metrics import CONTENT_TYPE_LATEST, Metrics, RequestOutcome
+from bridge.logs import RateLimitedLog
+from bridge.metrics import CONTENT_TYPE_LATEST, REJECTED_OUTCOMES, Metrics, RequestOutcome
 from bridge.publisher import (
     AmqpPublisher,
     BrokerUnavailable,
@@ -47,6 +48,12 @@ never inflates one, whatever Content-Encoding it names (aiohttp would, as the by
 TRACE_FLUSH_SECONDS = 5.0
 METRICS_FLUSH_SECONDS = 1.0
 """How stale another worker's request counts may be in a scrape (see bridge.metrics)."""
+REJECTION_LOG_RATE = 10.0
+REJECTION_LOG_BURST = 20
+SUPPRESSED_SUMMARY_SECONDS = 10.0
+"""Rejected requests are logged at most 10 a second per outcome (bursts of 20) in each process,
+so that whoever floods the public port does not also decide the volume of the logs; what is
+held back is counted, and summed up every 10 s."""
 JSON = "application/json"
 IDENTITY = "identity"
 _LOGGED_ID_LENGTH = 80
@@ -122,6 +129,7 @@ class Ingress:
     dedup: Deduplicator[Delivery]
     tracing: Tracing
     budget: BodyBudget
+    rejection_log: RateLimitedLog[RequestOutcome]
     shutting_down: bool = False
     _success_bodies: dict[RequestOutcome, bytes] = field(
         default_factory=lambda: {
@@ -240,15 +248,16 @@ class Ingress:
 
     def _reject(self, request: web.BaseRequest, rejection: Rejection) -> web.Response:
         self.metrics.count(rejection.outcome)
-        logger.warning(
-            "webhook rejected",
-            extra={
-                "status": rejection.status,
-                "reason": rejection.reason,
-                "webhook_id": request.headers.get("webhook-id", "")[:_LOGGED_ID_LENGTH],
-                "remote": request.remote,
-            },
-        )
+        if self.rejection_log.allow(rejection.outcome):
+            logger.warning(
+                "webhook rejected",
+                extra={
+                    "status": rejection.status,
+                    "reason": rejection.reason,
+                    "webhook_id": request.headers.get("webhook-id", "")[:_LOGGED_ID_LENGTH],
+                    "remote": request.remote,
+                },
+            )
         response = web.json_response(
             {"error": rejection.outcome.value, "detail": rejection.reason},
             status=rejection.status,
@@ -355,6 +364,16 @@ def create_app(
         ),
         tracing=tracing or PropagationOnly(),
         budget=BodyBudget(settings.max_buffered_bytes),
+        rejection_log=RateLimitedLog(
+            logger,
+            REJECTED_OUTCOMES,
+            what="rejected-request",
+            kind_field="outcome",
+            rate=REJECTION_LOG_RATE,
+            burst=REJECTION_LOG_BURST,
+            summary_seconds=SUPPRESSED_SUMMARY_SECONDS,
+            on_suppressed=request_metrics.log_line_suppressed,
+        ),
     )
     if owned_publisher is not None:
         app[OWNED_PUBLISHER] = owned_publisher
@@ -431,18 +450,21 @@ async def _dedup_store_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _metric_updates(app: web.Application) -> AsyncIterator[None]:
-    """Keep the metrics current even in workers that are not being scraped."""
+    """Keep the metrics current even in workers that are not being scraped, and write the
+    summaries of suppressed rejected-request log lines when they are due."""
     ingress = app[INGRESS]
 
     async def update_every_second() -> None:
         while True:
             _update_gauges(ingress)
             ingress.metrics.flush()
+            ingress.rejection_log.report_suppressed()
             await asyncio.sleep(METRICS_FLUSH_SECONDS)
 
     updater = asyncio.create_task(update_every_second())
     yield
     updater.cancel()
+    ingress.rejection_log.report_suppressed(due_only=False)
 
 
 async def _flush_traces(app: web.Application) -> None:

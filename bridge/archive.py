@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -234,6 +235,8 @@ class ArchiveFollower(PatternReader):
     ``created_at``). With ``until``, the stream is read to the end it had when reading
     began, then live events are followed until the clock passes ``until``. Quarantined
     events (in the archive too) are not events a binding would receive: skipped.
+    ``ca_file`` verifies an ``amqps://`` broker against that CA bundle, as
+    ``BRIDGE_AMQP_CA_FILE`` does for the bridge.
     """
 
     def __init__(
@@ -245,11 +248,13 @@ class ArchiveFollower(PatternReader):
         since: datetime,
         until: datetime | None = None,
         verify_secrets: Sequence[str] = (),
+        ca_file: str | Path | None = None,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(exchange, patterns)
         self._amqp_url = amqp_url
+        self._ca_file = ca_file
         self._since = since
         self._until = until
         self._verifier = stored_message_verifier(verify_secrets)
@@ -266,7 +271,10 @@ class ArchiveFollower(PatternReader):
     async def __aenter__(self) -> Self:
         async with asyncio.timeout(self._timeout):
             connection = await connect_to_a_node(
-                self._amqp_url, aio_pika.connect, attempt_seconds=self._timeout
+                self._amqp_url,
+                aio_pika.connect,
+                attempt_seconds=self._timeout,
+                ca_file=self._ca_file,
             )
         try:
             self._reader = ArchiveReader(

@@ -24,7 +24,7 @@ from bridge.events import KNOWN_EVENT_TYPES
 
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
-__all__ = ["CONTENT_TYPE_LATEST", "DedupResult", "Metrics", "RequestOutcome"]
+__all__ = ["CONTENT_TYPE_LATEST", "REJECTED_OUTCOMES", "DedupResult", "Metrics", "RequestOutcome"]
 
 
 class RequestOutcome(enum.StrEnum):
@@ -39,6 +39,18 @@ class RequestOutcome(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     OVER_BUFFER_BUDGET = "over_buffer_budget"
     """Refused at once: its body would take the process over BRIDGE_MAX_BUFFERED_BYTES."""
+
+
+_ANSWERED_2XX = frozenset(
+    {
+        RequestOutcome.PUBLISHED,
+        RequestOutcome.DUPLICATE,
+        RequestOutcome.QUARANTINED,
+        RequestOutcome.UNROUTED,
+    }
+)
+REJECTED_OUTCOMES = tuple(outcome for outcome in RequestOutcome if outcome not in _ANSWERED_2XX)
+"""The outcomes of requests answered with an error status (each logged, within a rate)."""
 
 
 class DedupResult(enum.StrEnum):
@@ -156,6 +168,17 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2.5, 5),
             registry=own_registry,
         )
+        self.log_lines_suppressed = Counter(
+            "webhook_bridge_log_lines_suppressed",
+            "Rejected-request log lines not written, because they came faster than each "
+            "process logs them (a rate per outcome), by outcome.",
+            ["outcome"],
+            registry=own_registry,
+        )
+        self._suppressed_tallies = {
+            outcome: _Tally(self.log_lines_suppressed.labels(outcome=outcome.value))
+            for outcome in REJECTED_OUTCOMES
+        }
         self._dedup_tallies = {
             result: _Tally(self.dedup_results.labels(result=result.value)) for result in DedupResult
         }
@@ -197,12 +220,16 @@ class Metrics:
     def dedup_result(self, result: DedupResult) -> None:
         self._dedup_tallies[result].pending += 1
 
+    def log_line_suppressed(self, outcome: RequestOutcome) -> None:
+        self._suppressed_tallies[outcome].pending += 1
+
     def flush(self) -> None:
         """Hand every tally to prometheus_client."""
         for tallies in (
             self._outcome_tallies.values(),
             self._published_tallies.values(),
             self._dedup_tallies.values(),
+            self._suppressed_tallies.values(),
             self._secret_tallies,
         ):
             for tally in tallies:

@@ -396,12 +396,17 @@ def load_settings(secrets_dir: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(_secrets_dir=directory, **overrides)
     except ValidationError as error:
-        problems = []
-        for detail in error.errors(include_url=False, include_input=False):
-            message = detail["msg"].removeprefix("Value error, ")
-            if detail["type"] == "missing":
-                message = "is required"
-            # A check across settings names them itself.
-            named = f"{env_name(str(detail['loc'][0]))} " if detail["loc"] else ""
-            problems.append(f"{named}{message}")
-        raise SettingsError("; ".join(problems)) from None
+        raise settings_error(error) from None
+
+
+def settings_error(error: ValidationError) -> SettingsError:
+    """One line naming each bad setting, never its value."""
+    problems = []
+    for detail in error.errors(include_url=False, include_input=False):
+        message = detail["msg"].removeprefix("Value error, ")
+        if detail["type"] == "missing":
+            message = "is required"
+        # A check across settings names them itself.
+        named = f"{env_name(str(detail['loc'][0]))} " if detail["loc"] else ""
+        problems.append(f"{named}{message}")
+    return SettingsError("; ".join(problems))

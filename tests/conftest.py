@@ -31,12 +31,69 @@ from bridge.frames import MessageProperties
 from bridge.publisher import Outcome, OutgoingMessage, Topology
 from bridge.settings import Settings, load_settings
 from bridge.signature import decode_secret, sign
+from tests.brokers import (
+    MACHINE_BROKER,
+    RELEASE_IDS,
+    RabbitMQ,
+    release_named,
+    running_broker,
+    testing_against,
+)
 
-AMQP_URL = os.environ.get("BRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# The broker under test: the machine's, or another release's while a test runs against it.
+AMQP_URL = MACHINE_BROKER.amqp_url
+# Tests with these marks run against the machine's broker only: the installed packages, the
+# container image and the load and benchmark runs measure the bridge, not the broker, and
+# the cluster scenarios start clusters of both releases themselves (tests/test_cluster.py).
+MACHINE_BROKER_ONLY = ("install", "image", "cluster")
 
 # Fixtures shared by the load tests and by the installed-package tests, in the modules
 # that define the sender and the install profiles.
 pytest_plugins = ("tests.sender", "tests.install_profiles")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that needs the broker runs against each release (``-k rabbitmq3.10`` picks
+    one): all of them against one release, then all against the next."""
+    definition = metafunc.definition
+    if any(definition.get_closest_marker(name) for name in MACHINE_BROKER_ONLY):
+        return
+    if definition.get_closest_marker("broker") or "broker" in metafunc.fixturenames:
+        metafunc.parametrize("rabbitmq", RELEASE_IDS, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rabbitmq(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RabbitMQ]:
+    """The broker a test runs against: the machine's, unless the test is parametrised with
+    another release, whose node starts before the first such test and stops after the last.
+    While it runs, every ``AMQP_URL`` imported from here, ``BRIDGE_TEST_AMQP_URL`` and the
+    ``rabbitmqctl`` on PATH lead to it."""
+    release = release_named(getattr(request, "param", MACHINE_BROKER.id))
+    if release is MACHINE_BROKER.release:
+        yield MACHINE_BROKER
+        return
+    with running_broker(release) as broker, pointing_tests_at(broker, tmp_path_factory):
+        yield broker
+
+
+@contextlib.contextmanager
+def pointing_tests_at(
+    broker: RabbitMQ, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch, testing_against(broker):
+        # Test modules import the URL by name; each copy of it follows the broker under test.
+        for module in list(sys.modules.values()):
+            if module.__name__.startswith("tests.") and (
+                getattr(module, "AMQP_URL", None) == MACHINE_BROKER.amqp_url
+            ):
+                patch.setattr(module, "AMQP_URL", broker.amqp_url)
+        patch.setenv("BRIDGE_TEST_AMQP_URL", broker.amqp_url)
+        ctl_directory = tmp_path_factory.mktemp(f"{broker.id}-bin")
+        broker.write_ctl_program(ctl_directory)
+        patch.setenv("PATH", f"{ctl_directory}{os.pathsep}{os.environ['PATH']}")
+        yield
 
 
 def pamqp_properties(properties: MessageProperties) -> Basic.Properties:

@@ -1,4 +1,5 @@
-"""Changing the local RabbitMQ's state with ``rabbitmqctl``, always restoring it afterwards."""
+"""Changing the state of the broker under test with ``rabbitmqctl``, always restoring it
+afterwards: the machine's RabbitMQ, or the node of the release a test runs against."""
 
 from __future__ import annotations
 
@@ -6,15 +7,15 @@ import contextlib
 import secrets
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from yarl import URL
 
-from tests.conftest import AMQP_URL
+from tests.brokers import under_test
 
 needs_rabbitmqctl = pytest.mark.skipif(
     shutil.which("rabbitmqctl") is None, reason="rabbitmqctl is not on PATH"
@@ -22,20 +23,14 @@ needs_rabbitmqctl = pytest.mark.skipif(
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
-    result = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if result.returncode != 0:
-        # Name only the subcommand: the arguments may hold a (test) password.
-        raise AssertionError(
-            f"rabbitmqctl {args[0]} exited {result.returncode}: {result.stderr.strip()}"
-        )
-    return result.stdout
+    """``rabbitmqctl`` against the broker under test."""
+    return under_test().ctl(*args, timeout=timeout)
 
 
 def broker_port_answers() -> bool:
+    url = URL(under_test().amqp_url)
     try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=1).close()
+        socket.create_connection((url.host, url.port), timeout=1).close()
     except OSError:
         return False
     return True
@@ -97,7 +92,7 @@ class BrokerUser:
 
     @property
     def amqp_url(self) -> str:
-        return AMQP_URL.replace("guest:guest@", f"{self.name}:{self.password}@")
+        return under_test().amqp_url.replace("guest:guest@", f"{self.name}:{self.password}@")
 
 
 @contextlib.contextmanager

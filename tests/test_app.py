@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -15,12 +16,15 @@ from aiohttp.test_utils import TestServer
 
 from bridge.app import (
     OPERATIONS_PATHS,
+    REJECTION_LOG_BURST,
+    REJECTION_LOG_RATE,
     SERVER_OPTIONS,
     WEBHOOK_PATH,
     create_app,
     create_operations_app,
     dispatch_webhooks_directly,
 )
+from bridge.metrics import REJECTED_OUTCOMES, RequestOutcome
 from bridge.publisher import (
     QUARANTINE_REASON_HEADER,
     VALIDATED_HEADER,
@@ -30,6 +34,7 @@ from bridge.publisher import (
 from bridge.samples import sample_body
 from bridge.settings import Settings, SettingsError
 from tests.conftest import AiohttpClient, Client, FakePublisher, Signer, make_settings
+from tests.test_metrics import scrape
 
 
 async def client_for(
@@ -410,3 +415,46 @@ def test_defaults_keep_operations_apart_and_hold_many_of_the_largest_bodies() ->
     assert defaults["metrics_port"] != defaults["port"]
     assert defaults["max_buffered_bytes"] == 32 * 1024 * 1024
     assert defaults["max_buffered_bytes"] // defaults["max_body_bytes"] == 128
+
+
+async def test_a_flood_of_rejected_requests_is_logged_within_the_rate_and_counted(
+    client: Client, signer: Signer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="bridge.app")
+    body = sample_body("batch.completed")
+    forged = Signer().headers(body)
+    flood = 100
+    started = time.monotonic()
+    for _ in range(flood):
+        assert (await client.post(WEBHOOK_PATH, data=body, headers=forged)).status == 401
+    elapsed = time.monotonic() - started
+    compressed = {**signer.headers(body), "Content-Encoding": "gzip"}
+    assert (await client.post(WEBHOOK_PATH, data=body, headers=compressed)).status == 415
+
+    statuses = [record.__dict__.get("status") for record in caplog.records]
+    logged = statuses.count(401)
+    # A burst of 20, then 10 a second: whatever the flood's pace, not one line per request.
+    assert REJECTION_LOG_BURST <= logged <= REJECTION_LOG_BURST + elapsed * REJECTION_LOG_RATE + 1
+    assert statuses.count(415) == 1, "another outcome has a bucket of its own"
+    samples = await scrape(client)
+    suppressed = {
+        outcome.value: samples[
+            ("webhook_bridge_log_lines_suppressed_total", (("outcome", outcome.value),))
+        ]
+        for outcome in REJECTED_OUTCOMES
+    }
+    assert suppressed == {
+        outcome.value: flood - logged if outcome is RequestOutcome.UNAUTHORIZED else 0
+        for outcome in REJECTED_OUTCOMES
+    }
+
+    # What was held back is summed up every 10 s, and at the latest when the app stops.
+    await client.close()
+    summaries = [record for record in caplog.records if "suppressed" in record.__dict__]
+    assert summaries
+    assert sum(record.__dict__["suppressed"] for record in summaries) == flood - logged
+    for summary in summaries:
+        assert re.fullmatch(
+            r"suppressed \d+ rejected-request log lines \(unauthorized\) in the last \d+ s",
+            summary.getMessage(),
+        )

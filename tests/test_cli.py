@@ -248,3 +248,19 @@ def test_once_started_the_collector_waits_for_real_cycles() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+@pytest.mark.parametrize("command", [("consume", "#"), ("asyncapi",)], ids=lambda c: c[0])
+def test_a_bad_broker_setting_is_one_line_for_every_command(command: tuple[str, ...]) -> None:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "bridge", *command],
+        env={**environment, "BRIDGE_LOG_LEVEL": "loud"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("webhook-bridge: configuration error: BRIDGE_LOG_LEVEL")

@@ -15,19 +15,20 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import aio_pika
 import aiohttp
 import pytest
 
-from tests.cluster import Cluster, Node, needs_rabbitmq_server, running_cluster
+from tests.brokers import MACHINE, RABBITMQ_BIN, RELEASE_IDS, Node, release_named
+from tests.cluster import Cluster, running_cluster
 from tests.conftest import BridgeProcess, Signer, unique_name
 from tests.sender import OpenAILikeSender, assert_nothing_lost
 
 pytestmark = [
     pytest.mark.cluster,
     pytest.mark.disruptive,
-    needs_rabbitmq_server,
     pytest.mark.timeout(360),
 ]
 
@@ -39,10 +40,13 @@ KILLED_NODE_RECOVERY_BOUND = 10.0
 FROZEN_NODE_RECOVERY_BOUND = (HEARTBEAT + 1) * 3 + 15.0
 
 
-@pytest.fixture(scope="session")
-def rabbitmq_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """Three nodes joined into one cluster, for the whole session."""
-    with running_cluster(tmp_path_factory.mktemp("rabbitmq-cluster")) as cluster:
+@pytest.fixture(scope="session", params=RELEASE_IDS)
+def rabbitmq_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Three nodes of one release joined into one cluster, for every scenario on it."""
+    release = release_named(request.param)
+    if release is MACHINE and not Path(RABBITMQ_BIN / "rabbitmq-server").exists():
+        pytest.skip("RabbitMQ server is not installed")
+    with running_cluster(release) as cluster:
         yield cluster
 
 

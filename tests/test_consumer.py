@@ -359,8 +359,14 @@ async def test_quorum_queues_are_declared_as_quorum_queues(broker: Broker, excha
         broker, exchange, queue=queue, quorum=True, dead_letter_exchange=dead_letters
     ):
         pass
-    dead_lettered = {"x-dead-letter-exchange": dead_letters}
-    for name, arguments in ((queue, dead_lettered), (dead_letters, {})):
+    consumer_queue = {
+        "x-dead-letter-exchange": dead_letters,
+        "x-delivery-limit": 20,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    dead_letter_queue = {"x-delivery-limit": 2**31 - 1}
+    for name, arguments in ((queue, consumer_queue), (dead_letters, dead_letter_queue)):
         async with broker.connection.channel() as channel:
             await channel.declare_queue(
                 name, durable=True, arguments={**arguments, "x-queue-type": "quorum"}

@@ -47,6 +47,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE_SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 
 APP_LABEL = {"app.kubernetes.io/name": "webhook-bridge"}
+REDIS_LABELS = {"app.kubernetes.io/name": "redis"}
+REDIS_PORTS = {6379, 26379}  # Redis, Sentinel
 SECRETS_DIR = "/run/secrets/webhook-bridge"
 EXCHANGE = "openai.webhooks"
 UNROUTED = "openai.webhooks.unrouted"
@@ -427,7 +429,28 @@ def test_network_policy() -> None:
     if "Egress" in spec["policyTypes"]:
         for rule in spec.get("egress", []):
             assert rule.get("ports"), "egress rules name their ports"
-            assert {port["port"] for port in rule["ports"]} <= {53, 5671, 5672}
+            assert {port["port"] for port in rule["ports"]} <= {53, 5671, 5672, *REDIS_PORTS}
+
+
+def test_network_policy_lets_the_bridge_reach_redis() -> None:
+    """With BRIDGE_DEDUP_URL set the bridge must reach Redis (and Sentinel): denied, it would
+    publish without deduplication (BRIDGE_DEDUP_ON_ERROR=publish) and only log it."""
+    spec = _only("NetworkPolicy")["spec"]
+    assert "Egress" in spec["policyTypes"]
+    rules = [
+        rule
+        for rule in spec["egress"]
+        if REDIS_PORTS & {port["port"] for port in rule.get("ports", [])}
+    ]
+    assert len(rules) == 1, "one egress rule for Redis"
+    (rule,) = rules
+    assert {(port.get("protocol", "TCP"), port["port"]) for port in rule["ports"]} == {
+        ("TCP", 6379),
+        ("TCP", 26379),
+    }
+    assert rule.get("to") == [{"podSelector": {"matchLabels": REDIS_LABELS}}], (
+        "only to the Redis pods of the bridge's namespace"
+    )
 
 
 def test_buffered_bodies_fit_in_the_memory_limit() -> None:

@@ -22,12 +22,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from bridge.events import KNOWN_EVENT_TYPES
 from bridge.replay.pushgateway import push_summary
 from bridge.replay.run import ReplaySummary
 from bridge.samples import sample_body
-from tests.conftest import BridgeProcess, Broker, Signer, free_port, post_webhook
+from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, free_port, post_webhook
 from tests.monitoring import (
     dashboard_queries,
     dashboard_recording_rules,
@@ -247,7 +248,7 @@ async def test_prometheus_sees_what_the_bridge_did(
         assert dedup["new"] == 4
         assert await prometheus.by_label(
             f'webhook_bridge_broker_node_info{{job="{JOB}"}} == 1', "node"
-        ) == {"127.0.0.1:5672": 1}
+        ) == {f"{URL(AMQP_URL).host}:{URL(AMQP_URL).port}": 1}
 
         await _check_dashboard_queries(prometheus)
         await _check_rules_and_alerts(prometheus)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from bridge.samples import sample_body
 from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer
@@ -74,7 +75,8 @@ async def tls_relay(certificates: Certificates) -> AsyncIterator[int]:
     async def relay(
         client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
     ) -> None:
-        broker_reader, broker_writer = await asyncio.open_connection("127.0.0.1", 5672)
+        broker = URL(AMQP_URL)
+        broker_reader, broker_writer = await asyncio.open_connection(broker.host, broker.port)
         await asyncio.gather(pipe(client_reader, broker_writer), pipe(broker_reader, client_writer))
 
     server = await asyncio.start_server(relay, "127.0.0.1", 0, ssl=context)
@@ -83,7 +85,7 @@ async def tls_relay(certificates: Certificates) -> AsyncIterator[int]:
 
 
 def amqps_url(port: int) -> str:
-    return AMQP_URL.replace("amqp://", "amqps://").replace("127.0.0.1:5672", f"localhost:{port}")
+    return str(URL(AMQP_URL).with_scheme("amqps").with_host("localhost").with_port(port))
 
 
 async def test_amqps_with_a_configured_ca_publishes(

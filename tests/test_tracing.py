@@ -17,6 +17,12 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+)
 from opentelemetry.trace import SpanKind, StatusCode
 
 from bridge.app import WEBHOOK_PATH, create_app
@@ -278,12 +284,22 @@ def exporter() -> InMemorySpanExporter:
     return InMemorySpanExporter()
 
 
-@pytest.fixture
-def recording(exporter: InMemorySpanExporter) -> OpenTelemetryTracing:
+def _recording(exporter: InMemorySpanExporter, sampler: Sampler) -> OpenTelemetryTracing:
     """Spans straight to memory; the app shuts the tracing down with itself."""
-    provider = TracerProvider()
+    provider = TracerProvider(sampler=sampler)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return OpenTelemetryTracing(provider)
+
+
+@pytest.fixture
+def recording(exporter: InMemorySpanExporter) -> OpenTelemetryTracing:
+    """The SDK's default sampler, ``parentbased_always_on``."""
+    return _recording(exporter, ParentBased(ALWAYS_ON))
+
+
+# OTEL_TRACES_SAMPLER=parentbased_always_off: nothing of its own, and (before verification was
+# a trust boundary) whatever a parent marked sampled.
+SAMPLES_NOTHING = ParentBased(ALWAYS_OFF)
 
 
 def _spans(exporter: InMemorySpanExporter) -> dict[str, ReadableSpan]:
@@ -298,7 +314,7 @@ def _hex_ids(span: ReadableSpan) -> tuple[str, str]:
     return f"{context.trace_id:032x}", f"{context.span_id:016x}"
 
 
-async def test_spans_for_request_verification_and_publish_continue_the_request(
+async def test_spans_for_request_verification_and_publish_link_and_continue_the_request(
     aiohttp_client: AiohttpClient,
     settings: Settings,
     fake_publisher: FakePublisher,
@@ -306,9 +322,8 @@ async def test_spans_for_request_verification_and_publish_continue_the_request(
     exporter: InMemorySpanExporter,
     recording: OpenTelemetryTracing,
 ) -> None:
-    status = await _post(
-        aiohttp_client, settings, fake_publisher, signer, {TRACEPARENT: INCOMING}, recording
-    )
+    trace_headers = {TRACEPARENT: INCOMING, TRACESTATE: "vendor=opaque"}
+    status = await _post(aiohttp_client, settings, fake_publisher, signer, trace_headers, recording)
     assert status == 200
     spans = _spans(exporter)
     assert set(spans) == {"POST /webhooks/openai", "verify signature", "publish"}
@@ -319,21 +334,104 @@ async def test_spans_for_request_verification_and_publish_continue_the_request(
     )
     assert request.kind is SpanKind.SERVER
     assert publish.kind is SpanKind.PRODUCER
-    assert request.parent is not None
-    assert f"{request.parent.span_id:016x}" == PARENT_ID
+    # Before the signature is checked the request's context is only a link: the request's
+    # span is the root of a trace of the bridge's own.
+    assert request.parent is None
     request_trace, request_span = _hex_ids(request)
-    assert request_trace == TRACE_ID
-    for child in (verify, publish):
-        assert child.parent is not None
-        assert child.parent.span_id == int(request_span, 16)
-        assert _hex_ids(child)[0] == TRACE_ID
+    assert request_trace != TRACE_ID
+    (link,) = request.links
+    assert (f"{link.context.trace_id:032x}", f"{link.context.span_id:016x}") == (
+        TRACE_ID,
+        PARENT_ID,
+    )
+    assert link.context.is_remote
+    assert verify.parent is not None
+    assert verify.parent.span_id == int(request_span, 16)
+    assert _hex_ids(verify)[0] == request_trace
+    # Once verified, the publish continues the request's trace and links back to the bridge's.
+    assert publish.parent is not None
+    assert f"{publish.parent.span_id:016x}" == PARENT_ID
+    assert _hex_ids(publish)[0] == TRACE_ID
+    (back,) = publish.links
+    assert _hex_ids(request) == (f"{back.context.trace_id:032x}", f"{back.context.span_id:016x}")
     assert request.attributes is not None
     assert request.attributes["http.response.status_code"] == 200
     # The message's parent is the publish span: the consumer's spans hang below it.
     publish_trace, publish_span = _hex_ids(publish)
-    assert _published_context(fake_publisher).traceparent == (
-        f"00-{publish_trace}-{publish_span}-01"
+    assert _published_context(fake_publisher) == TraceContext(
+        f"00-{publish_trace}-{publish_span}-01", "vendor=opaque"
     )
+
+
+@pytest.mark.parametrize(("flags", "published_flags"), [("01", "00"), ("03", "02")])
+async def test_a_sampled_flag_cannot_make_the_bridge_record(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    fake_publisher: FakePublisher,
+    signer: Signer,
+    exporter: InMemorySpanExporter,
+    flags: str,
+    published_flags: str,
+) -> None:
+    """Flag 01 under a sampler that samples nothing of its own: nothing is recorded, and the
+    message carries the request's trace unsampled, the bridge's decision (W3C's "random
+    trace id" bit, 02, still describes the request's trace id)."""
+    tracing = _recording(exporter, SAMPLES_NOTHING)
+    sampled = f"00-{TRACE_ID}-{PARENT_ID}-{flags}"
+    status = await _post(
+        aiohttp_client, settings, fake_publisher, signer, {TRACEPARENT: sampled}, tracing
+    )
+    assert status == 200
+    assert exporter.get_finished_spans() == ()
+    published = _published_context(fake_publisher)
+    assert published.trace_id == TRACE_ID
+    assert published.traceparent.endswith(f"-{published_flags}")
+
+
+async def test_an_unsampled_flag_cannot_stop_the_bridge_recording(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    fake_publisher: FakePublisher,
+    signer: Signer,
+    exporter: InMemorySpanExporter,
+    recording: OpenTelemetryTracing,
+) -> None:
+    """Flag 00 under an always-on sampler: every span is recorded, the message says sampled."""
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    status = await _post(
+        aiohttp_client, settings, fake_publisher, signer, {TRACEPARENT: unsampled}, recording
+    )
+    assert status == 200
+    assert set(_spans(exporter)) == {"POST /webhooks/openai", "verify signature", "publish"}
+    published = _published_context(fake_publisher)
+    assert published.trace_id == TRACE_ID
+    assert published.traceparent.endswith("-01")
+
+
+@pytest.mark.parametrize("refusal", ["wrong secret", "stale timestamp", "malformed headers"])
+async def test_an_unverified_request_cannot_force_sampling(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    fake_publisher: FakePublisher,
+    signer: Signer,
+    exporter: InMemorySpanExporter,
+    refusal: str,
+) -> None:
+    tracing = _recording(exporter, SAMPLES_NOTHING)
+    client = await aiohttp_client(create_app(settings, fake_publisher, tracing=tracing))
+    body = sample_body("batch.completed")
+    headers = {
+        "wrong secret": Signer().headers(body),
+        "stale timestamp": signer.headers(body, timestamp=1),
+        "malformed headers": {**signer.headers(body), "webhook-signature": "v1"},
+    }[refusal]
+    for _ in range(3):
+        response = await client.post(
+            WEBHOOK_PATH, data=body, headers={**headers, TRACEPARENT: INCOMING}
+        )
+        assert response.status in (400, 401)
+    assert exporter.get_finished_spans() == ()
+    assert fake_publisher.published == []
 
 
 async def test_a_request_without_context_is_the_root_of_a_new_trace(

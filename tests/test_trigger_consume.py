@@ -405,3 +405,27 @@ async def test_consume_on_a_terminal_summarises_what_each_event_is_about(
     assert len(summaries) == len(ALL_TYPES)
     # The routing key column is wide enough for the longest type: event ids line up.
     assert len({line.index(" evt_") for line in lines}) == 1
+
+
+@pytest.mark.broker
+async def test_trigger_stops_quietly_when_its_reader_goes_away(
+    start_bridge: Callable[..., BridgeProcess], signer: Signer, tmp_path: Path
+) -> None:
+    bridge = start_bridge()
+    await bridge.wait_ready()
+    # `head` closes the pipe after the first line; trigger's next line finds no reader.
+    shell = await asyncio.create_subprocess_exec(
+        "bash",
+        "-o",
+        "pipefail",
+        "-c",
+        f"{sys.executable} -m bridge trigger --all --url {bridge.url} | head -n 1",
+        env=cli_environment(tmp_path, BRIDGE_WEBHOOK_SECRET=signer.secret),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await shell.communicate()
+    assert "Traceback" not in stderr.decode()
+    assert shell.returncode == 0, stderr.decode()
+    assert stdout.decode().startswith("200 ")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import sys
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from bridge.cli.arguments import (
     positive_int,
     webhook_secret_override,
 )
+from bridge.cli.output import reader_gone
 from bridge.consumer import (
     ConsumerSettings,
     Delivery,
@@ -120,6 +120,7 @@ def _consume_command(args: argparse.Namespace) -> int:
             since=since,
             until=until,
             verify_secrets=verify_secrets,
+            ca_file=broker.amqp_ca_file,
         )
     elif args.until is not None:
         print("webhook-bridge: consume: --until needs --since", file=sys.stderr)
@@ -131,6 +132,7 @@ def _consume_command(args: argparse.Namespace) -> int:
             patterns=args.patterns,
             queue=args.queue,
             verify_secrets=verify_secrets,
+            ca_file=broker.amqp_ca_file,
         )
     json_lines = args.json or not sys.stdout.isatty()
     return run(consume(consumer, count=args.count, json_lines=json_lines))
@@ -185,9 +187,7 @@ async def _print_events(
         print(f"webhook-bridge: {error}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader went away (`| head`); silence the interpreter's final flush too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return reader_gone()
     except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as error:
         reason = str(error) or type(error).__name__
         print(f"webhook-bridge: cannot consume from the broker: {reason}", file=sys.stderr)

@@ -13,6 +13,7 @@ from bridge.cli.arguments import (
     key_value,
     webhook_secret_override,
 )
+from bridge.cli.output import reader_gone
 from bridge.events import KNOWN_EVENT_TYPES
 from bridge.server import run
 from bridge.settings import env_name, load_settings
@@ -71,7 +72,10 @@ def _trigger_command(args: argparse.Namespace) -> int:
 async def trigger(url: str, webhooks: Sequence[SignedWebhook], *, json_lines: bool) -> int:
     """POST each webhook and print the bridge's answer; 1 if any was not a 2xx."""
     failed = False
-    async for result in post_all(url, webhooks):
-        print(result.json_line() if json_lines else result.line(), flush=True)
-        failed |= not result.ok
+    try:
+        async for result in post_all(url, webhooks):
+            print(result.json_line() if json_lines else result.line(), flush=True)
+            failed |= not result.ok
+    except BrokenPipeError:
+        return reader_gone()
     return 1 if failed else 0

@@ -131,7 +131,10 @@ class RequestTrace(Protocol):
     def verifying(self) -> AbstractContextManager[None]: ...
 
     def publishing(self) -> AbstractContextManager[TraceContext]:
-        """Around the publish up to the confirm; yields the context for the message."""
+        """Around the publish up to the confirm; yields the context for the message.
+
+        Entered only for an authentic webhook: the request's own trace context may be
+        continued from here on, never before (see :mod:`bridge.tracing.otel`)."""
         ...
 
     def finish(self, status: int) -> None: ...

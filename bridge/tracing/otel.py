@@ -6,6 +6,14 @@ The provider is built from the standard variables: ``OTEL_TRACES_EXPORTER``
 endpoint and header variables (read by the exporter itself), ``OTEL_SERVICE_NAME``
 and ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER`` and its argument, and the
 ``OTEL_BSP_*`` batching variables.
+
+An incoming ``traceparent`` is anyone's to write, so it is never the parent of a span
+opened before the signature is verified: the request's span is a root, sampled by the
+process's own sampler, with the incoming context as a link. Only the ``publish`` span,
+which starts after the signature is verified and the id deduplicated, continues the
+incoming trace, and it follows the request span's sampling decision, not the sender's
+flag. The message therefore carries the trace id (and ``tracestate``) of an authentic
+webhook, as without spans, and the bridge's own sampling decision.
 """
 
 from __future__ import annotations
@@ -22,7 +30,15 @@ try:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-    from opentelemetry.trace import SpanKind, StatusCode, Tracer
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        StatusCode,
+        TraceFlags,
+        Tracer,
+    )
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError as missing:
     raise MissingExtraError(__name__, "otel") from missing
@@ -98,16 +114,22 @@ def _message_context(context: Context) -> TraceContext:
     return TraceContext(carrier[TRACEPARENT], carrier.get(TRACESTATE))
 
 
-class _RecordedTrace:
-    __slots__ = ("_context", "_span", "_tracer")
+_ROOT = Context()
+"""An empty context: a span started in it is the root of a new trace."""
 
-    def __init__(self, tracer: Tracer, parent: Context | None) -> None:
+
+class _RecordedTrace:
+    __slots__ = ("_context", "_incoming", "_span", "_tracer")
+
+    def __init__(self, tracer: Tracer, incoming: SpanContext | None) -> None:
         self._tracer = tracer
+        self._incoming = incoming
         self._span = tracer.start_span(
             REQUEST_SPAN,
-            context=parent,
+            context=_ROOT,
             kind=SpanKind.SERVER,
             attributes={"http.request.method": "POST", "http.route": "/webhooks/openai"},
+            links=() if incoming is None else (Link(incoming),),
         )
         self._context = trace.set_span_in_context(self._span)
 
@@ -123,11 +145,31 @@ class _RecordedTrace:
     def publishing(self) -> Iterator[TraceContext]:
         with self._tracer.start_as_current_span(
             PUBLISH_SPAN,
-            context=self._context,
+            context=self._publish_parent(),
             kind=SpanKind.PRODUCER,
             attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "send"},
+            links=() if self._incoming is None else (Link(self._span.get_span_context()),),
         ) as span:
             yield _message_context(trace.set_span_in_context(span))
+
+    def _publish_parent(self) -> Context:
+        """The request's span; or, for a webhook that came with a trace context, that
+        context (only now, the signature verified) carrying the request span's sampling
+        decision instead of the sender's."""
+        incoming = self._incoming
+        if incoming is None:
+            return self._context
+        # Only the sampled bit is the bridge's: the others (W3C's "random trace id") describe
+        # the incoming trace id, which the bridge's own flags do not.
+        sampled = self._span.get_span_context().trace_flags & TraceFlags.SAMPLED
+        continued = SpanContext(
+            incoming.trace_id,
+            incoming.span_id,
+            is_remote=True,
+            trace_flags=TraceFlags(incoming.trace_flags & ~TraceFlags.SAMPLED | sampled),
+            trace_state=incoming.trace_state,
+        )
+        return trace.set_span_in_context(NonRecordingSpan(continued))
 
     def finish(self, status: int) -> None:
         self._span.set_attribute("http.response.status_code", status)
@@ -137,8 +179,8 @@ class _RecordedTrace:
 
 
 class OpenTelemetryTracing:
-    """Spans for each request, its verification and its publish, children of the
-    request's own trace context when it has a valid one."""
+    """Spans for each request (a root, linked to the request's own trace context), its
+    verification, and its publish (continuing the request's trace context)."""
 
     def __init__(self, provider: TracerProvider) -> None:
         self._provider = provider
@@ -150,8 +192,10 @@ class OpenTelemetryTracing:
 
     def begin(self, traceparents: list[str], tracestates: list[str]) -> RequestTrace:
         incoming = incoming_context(traceparents, tracestates)
-        parent = None if incoming is None else _propagator.extract(incoming.headers())
-        return _RecordedTrace(self._tracer, parent)
+        if incoming is None:
+            return _RecordedTrace(self._tracer, None)
+        remote = trace.get_current_span(_propagator.extract(incoming.headers()))
+        return _RecordedTrace(self._tracer, remote.get_span_context())
 
     def shutdown(self) -> None:
         self._provider.force_flush(SHUTDOWN_TIMEOUT_MILLIS)

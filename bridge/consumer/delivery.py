@@ -1,0 +1,155 @@
+"""One event taken from a queue, and the checks a stored message passes before it is one."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeAlias
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.consumer.retry import RetryQueues, retry_count
+from bridge.consumer.stores import IdempotencyStore
+from bridge.dedup.store import StoreUnavailable
+from bridge.events import UnknownWebhookEvent, UnwrapWebhookEvent
+from bridge.signature import (
+    SignatureVerifier,
+    WebhookHeaders,
+    WebhookVerificationError,
+    decode_secret,
+)
+from bridge.tracing import TraceContext, message_context
+
+logger = logging.getLogger(__name__)
+
+WebhookEvent: TypeAlias = UnwrapWebhookEvent | UnknownWebhookEvent
+"""A known event's model, or the envelope of a type this version does not model."""
+
+Handler: TypeAlias = Callable[[WebhookEvent], Awaitable[None]]
+
+# Queued messages are legitimately old (a consumer may have been down for hours), and the
+# bridge already applied the replay window when OpenAI delivered them: only the HMAC is
+# re-checked here (a consumer's ``max_age`` is its own, separate limit).
+_ANY_AGE = sys.maxsize
+
+
+class Delivery:
+    """One event taken from the queue: acknowledge, retry or reject it exactly once."""
+
+    __slots__ = ("_idempotency", "_retry_queues", "event", "message", "routing_key")
+
+    def __init__(
+        self,
+        event: WebhookEvent,
+        message: AbstractIncomingMessage,
+        idempotency: IdempotencyStore | None = None,
+        *,
+        routing_key: str | None = None,
+        retry_queues: RetryQueues | None = None,
+    ) -> None:
+        self.event = event
+        self.message = message
+        # The routing key the message was published with: the event's type.
+        self.routing_key = (message.routing_key or "") if routing_key is None else routing_key
+        self._idempotency = idempotency
+        self._retry_queues = retry_queues
+
+    @property
+    def body(self) -> bytes:
+        """The exact bytes OpenAI sent."""
+        return self.message.body
+
+    @property
+    def message_id(self) -> str | None:
+        """The ``webhook-id``: the same for every copy of one webhook."""
+        return self.message.message_id
+
+    @property
+    def validated(self) -> bool:
+        """Whether the event is one of the types this version models, valid against its
+        model. Worked out from the body here: the ``x-event-validated`` header the bridge
+        sets is not covered by the signature, so it is not read."""
+        return not isinstance(self.event, UnknownWebhookEvent)
+
+    @property
+    def retries(self) -> int:
+        """How many times handling this event failed and was retried before (0 at first)."""
+        return retry_count(self.message)
+
+    @property
+    def trace(self) -> TraceContext | None:
+        """The W3C trace context the message carries (the webhook request's, continued)."""
+        return message_context(self.message.headers)
+
+    async def ack(self) -> None:
+        """Record the message as handled, then remove it from the queue.
+
+        In this order, a crash in between redelivers a message the store skips. If the
+        store cannot record it, the message is still acknowledged (it was handled); the
+        cost is a possible second handling of a later copy.
+        """
+        if self._idempotency is not None and self.message_id is not None:
+            try:
+                await self._idempotency.done(self.message_id)
+            except StoreUnavailable as error:
+                logger.warning(
+                    "could not record a handled message in the idempotency store",
+                    extra={"message_id": self.message_id, "reason": str(error)},
+                )
+        await self.message.ack()
+
+    async def retry(self, delay: float) -> None:
+        """Have the event delivered again after ``delay`` seconds, with ``retries`` one more.
+
+        The message goes through the queue's retry queue, so the broker does not count it
+        toward the queue's delivery limit. Its claim is released, so a copy may be handled
+        meanwhile.
+        """
+        if self._retry_queues is None:
+            raise RuntimeError("only deliveries from an EventConsumer's queue can be retried")
+        await self._release()
+        await self._retry_queues.hand_back(
+            self.message, delay=delay, routing_key=self.routing_key, retries=self.retries + 1
+        )
+
+    async def reject(self, *, requeue: bool = False) -> None:
+        """Give the message up: dead-letter it (or drop it, without a dead-letter exchange).
+
+        ``requeue=True`` puts it straight back in the queue instead; a quorum queue counts
+        that toward its delivery limit, after which the broker dead-letters (or drops) it.
+        Prefer :meth:`retry` for failures that a later attempt can fix. Either way the
+        claim is released, so the next copy is handled.
+        """
+        await self._release()
+        await self.message.reject(requeue=requeue)
+
+    async def _release(self) -> None:
+        if self._idempotency is not None and self.message_id is not None:
+            with contextlib.suppress(StoreUnavailable):  # the claim then expires on its own
+                await self._idempotency.release(self.message_id)
+
+
+def stored_message_verifier(secrets: Sequence[str]) -> SignatureVerifier | None:
+    """A verifier for stored messages (no timestamp window), or ``None`` without secrets."""
+    if not secrets:
+        return None
+    keys = [decode_secret(secret) for secret in secrets]
+    return SignatureVerifier(keys, tolerance_seconds=_ANY_AGE)
+
+
+def signature_problem(verifier: SignatureVerifier, message: AbstractIncomingMessage) -> str | None:
+    """Why the message is not what OpenAI signed, or ``None`` when it is."""
+    text_headers = {
+        name: value for name, value in message.headers.items() if isinstance(value, str)
+    }
+    try:
+        headers = WebhookHeaders.from_mapping(text_headers)
+        verifier.verify(headers, message.body)
+    except WebhookVerificationError as error:
+        return str(error)
+    # Idempotency keys on message_id, so it must be the id the signature covers.
+    if message.message_id != headers.webhook_id:
+        return "message_id is not the signed webhook-id"
+    return None
