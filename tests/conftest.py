@@ -326,6 +326,7 @@ class BridgeProcess:
     port: int
     exchange: str
     log_path: Path
+    operations_port: int | None = None  # BRIDGE_METRICS_PORT; None: the webhook port
 
     @property
     def url(self) -> str:
@@ -338,7 +339,8 @@ class BridgeProcess:
                 if self.process.poll() is not None:
                     raise AssertionError(f"bridge exited early: {self.process.returncode}")
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"http://127.0.0.1:{self.port}/readyz") as response:
+                    readyz = f"http://127.0.0.1:{self.operations_port or self.port}/readyz"
+                    async with session.get(readyz) as response:
                         if response.status == 200:
                             return
                 await asyncio.sleep(0.1)

@@ -206,18 +206,19 @@ async def test_image_serves_as_non_root_publishes_and_drains_on_sigterm(
     broker.created_exchanges += [exchange, f"{exchange}.unrouted", f"{exchange}.quarantine"]
     broker.created_queues += [f"{exchange}.unrouted", f"{exchange}.quarantine"]
     secrets_dir = _readable_secrets_dir(tmp_path / "secrets", signer)
-    port = free_port()
+    port, operations_port = free_port(), free_port()
     settings = {
         "BRIDGE_AMQP_URL": AMQP_URL,
         "BRIDGE_EXCHANGE": exchange,
         "BRIDGE_HOST": "127.0.0.1",
         "BRIDGE_PORT": str(port),
+        "BRIDGE_METRICS_PORT": str(operations_port),
         "BRIDGE_LOG_FORMAT": "json",
     }
     log_path = tmp_path / "container.log"
     with _container(image) as container, log_path.open("w") as log:
         runner = _run_entrypoint(image, container, secrets_dir, settings, log)
-        bridge = BridgeProcess(runner, port, exchange, log_path)
+        bridge = BridgeProcess(runner, port, exchange, log_path, operations_port)
         try:
             await bridge.wait_ready(timeout=60)
             serving = _serving_process(runner)
