@@ -240,6 +240,10 @@ async def test_image_serves_as_non_root_publishes_and_drains_on_sigterm(
             assert runner.wait(timeout=60) == 0
         finally:
             if runner.poll() is None:
+                # Killing buildah alone leaves the container's processes serving, orphaned.
+                for pid in descendants(runner.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 runner.kill()
                 runner.wait()
     log_text = log_path.read_text()
