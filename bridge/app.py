@@ -323,6 +323,26 @@ def _update_gauges(ingress: Ingress) -> None:
     ingress.metrics.buffered_bytes.set(ingress.budget.held)
 
 
+def rejection_log(
+    on_suppressed: Callable[[RequestOutcome], None],
+    *,
+    log: logging.Logger = logger,
+    clock: Callable[[], float] = time.monotonic,
+) -> RateLimitedLog[RequestOutcome]:
+    """The rate at which rejected requests are logged, per outcome (see REJECTION_LOG_RATE)."""
+    return RateLimitedLog(
+        log,
+        REJECTED_OUTCOMES,
+        what="rejected-request",
+        kind_field="outcome",
+        rate=REJECTION_LOG_RATE,
+        burst=REJECTION_LOG_BURST,
+        summary_seconds=SUPPRESSED_SUMMARY_SECONDS,
+        on_suppressed=on_suppressed,
+        clock=clock,
+    )
+
+
 def create_app(
     settings: Settings,
     publisher: Publisher | None = None,
@@ -364,16 +384,7 @@ def create_app(
         ),
         tracing=tracing or PropagationOnly(),
         budget=BodyBudget(settings.max_buffered_bytes),
-        rejection_log=RateLimitedLog(
-            logger,
-            REJECTED_OUTCOMES,
-            what="rejected-request",
-            kind_field="outcome",
-            rate=REJECTION_LOG_RATE,
-            burst=REJECTION_LOG_BURST,
-            summary_seconds=SUPPRESSED_SUMMARY_SECONDS,
-            on_suppressed=request_metrics.log_line_suppressed,
-        ),
+        rejection_log=rejection_log(request_metrics.log_line_suppressed),
     )
     if owned_publisher is not None:
         app[OWNED_PUBLISHER] = owned_publisher

@@ -6,9 +6,14 @@ import logging
 
 import pytest
 
-from bridge.app import REJECTION_LOG_BURST, REJECTION_LOG_RATE, SUPPRESSED_SUMMARY_SECONDS
+from bridge.app import (
+    REJECTION_LOG_BURST,
+    REJECTION_LOG_RATE,
+    SUPPRESSED_SUMMARY_SECONDS,
+    rejection_log,
+)
 from bridge.logs import RateLimitedLog
-from bridge.metrics import REJECTED_OUTCOMES, RequestOutcome
+from bridge.metrics import RequestOutcome
 
 UNAUTHORIZED = RequestOutcome.UNAUTHORIZED
 TOO_LARGE = RequestOutcome.TOO_LARGE
@@ -37,17 +42,7 @@ def rejections(
     clock: FakeClock, suppressed: list[RequestOutcome]
 ) -> RateLimitedLog[RequestOutcome]:
     """Configured as the app configures it."""
-    return RateLimitedLog(
-        logging.getLogger("tests.rejections"),
-        REJECTED_OUTCOMES,
-        what="rejected-request",
-        kind_field="outcome",
-        rate=REJECTION_LOG_RATE,
-        burst=REJECTION_LOG_BURST,
-        summary_seconds=SUPPRESSED_SUMMARY_SECONDS,
-        on_suppressed=suppressed.append,
-        clock=clock,
-    )
+    return rejection_log(suppressed.append, log=logging.getLogger("tests.rejections"), clock=clock)
 
 
 def allowed(rejections: RateLimitedLog[RequestOutcome], kind: RequestOutcome, times: int) -> int:
