@@ -17,7 +17,13 @@ from aiohttp.web_protocol import RequestPayloadError
 from bridge.dedup import Deduplicator, DedupRefused, OnStoreError, store_from_settings
 from bridge.events import classify
 from bridge.logs import RateLimitedLog
-from bridge.metrics import CONTENT_TYPE_LATEST, REJECTED_OUTCOMES, Metrics, RequestOutcome
+from bridge.metrics import (
+    CONTENT_TYPE_LATEST,
+    REJECTED_OUTCOMES,
+    Metrics,
+    RequestOutcome,
+    SourceMetrics,
+)
 from bridge.publisher import (
     AmqpPublisher,
     BrokerUnavailable,
@@ -125,11 +131,14 @@ class Ingress:
     publisher: Publisher
     topology: Topology
     verifier: SignatureVerifier
+    """The single source's (an unused empty one with BRIDGE_SOURCES)."""
     metrics: Metrics
     dedup: Deduplicator[Delivery]
     tracing: Tracing
     budget: BodyBudget
     rejection_log: RateLimitedLog[RequestOutcome]
+    source_verifiers: dict[str, SignatureVerifier] = field(default_factory=dict)
+    """Each source's, by name, with BRIDGE_SOURCES; swapped on a reload like ``verifier``."""
     shutting_down: bool = False
     _success_bodies: dict[RequestOutcome, bytes] = field(
         default_factory=lambda: {
@@ -137,29 +146,39 @@ class Ingress:
         }
     )
 
-    async def handle(self, request: web.BaseRequest, trace: RequestTrace) -> web.Response:
+    async def handle(
+        self, request: web.BaseRequest, trace: RequestTrace, path_source: str | None = None
+    ) -> web.Response:
+        """Answer a webhook posted to ``/webhooks/openai``, or to ``/webhooks/openai/<name>``
+        (``path_source``: the name as the path gives it)."""
         received = time.monotonic()
         body = b""
+        counts = self.metrics.unknown_source
         try:
             # Whatever can be refused without the body is, before a byte of it is read.
+            source, verifier = self._source(path_source)
+            counts = self.metrics.source(source)
             headers = self._check_before_body(request)
-            verifier = self.verifier
             signatures = verifier.check_headers(headers)
             body = await self._read_body(request)
             with trace.verifying():
                 secret_index = verifier.match(headers, signatures, body)
-            self.metrics.secret_matched(secret_index)
+            counts.secret_matched(secret_index)
+            # Two projects' ids are not one namespace: each source deduplicates its own.
+            key = headers.webhook_id if source is None else f"{source}:{headers.webhook_id}"
             delivery = await self.dedup.once(
-                headers.webhook_id, lambda: self._deliver(headers, body, trace)
+                key, lambda: self._deliver(headers, body, trace, source)
             )
         except WebhookVerificationError as error:
             status, outcome = _VERIFICATION_STATUS[type(error)]
-            return self._reject(request, Rejection(status, outcome, str(error)))
+            return self._reject(request, Rejection(status, outcome, str(error)), counts)
         except Rejection as rejection:
-            return self._reject(request, rejection)
+            return self._reject(request, rejection, counts)
         except (BrokerUnavailable, DedupRefused) as error:
             return self._reject(
-                request, Rejection(503, RequestOutcome.UNAVAILABLE, str(error) or "unavailable")
+                request,
+                Rejection(503, RequestOutcome.UNAVAILABLE, str(error) or "unavailable"),
+                counts,
             )
         finally:
             self.budget.give_back(len(body))
@@ -170,8 +189,23 @@ class Ingress:
             self.metrics.publish_took(time.monotonic() - received)
             if delivery.outcome is not Outcome.QUARANTINED:
                 self.metrics.event_published(delivery.event_type or "")
-        self.metrics.count(outcome)
+        counts.count(outcome)
         return web.Response(body=self._success_bodies[outcome], content_type=JSON)
+
+    def _source(self, path_source: str | None) -> tuple[str | None, SignatureVerifier]:
+        """The source a request is for and the verifier of its secrets; 404 for none."""
+        if not self.source_verifiers:
+            return None, self.verifier
+        if path_source is None:
+            raise Rejection(
+                404,
+                RequestOutcome.UNKNOWN_SOURCE,
+                f"sources are configured: post to {WEBHOOK_PATH}/<source>",
+            )
+        verifier = self.source_verifiers.get(path_source)
+        if verifier is None:
+            raise Rejection(404, RequestOutcome.UNKNOWN_SOURCE, "no such source")
+        return path_source, verifier
 
     def _check_before_body(self, request: web.BaseRequest) -> WebhookHeaders:
         encoding = request.headers.get(hdrs.CONTENT_ENCODING)
@@ -233,7 +267,9 @@ class Ingress:
         if size > limit:
             raise Rejection(413, RequestOutcome.TOO_LARGE, f"body over {limit} bytes")
 
-    async def _deliver(self, headers: WebhookHeaders, body: bytes, trace: RequestTrace) -> Delivery:
+    async def _deliver(
+        self, headers: WebhookHeaders, body: bytes, trace: RequestTrace, source: str | None
+    ) -> Delivery:
         event = classify(body)
         if event.kind == "malformed":
             logger.warning(
@@ -242,12 +278,14 @@ class Ingress:
             )
         with trace.publishing() as context:
             outcome = await self.publisher.publish(
-                route(self.topology, headers, body, event, context)
+                route(self.topology, headers, body, event, context, source=source)
             )
         return Delivery(outcome, event.event_type)
 
-    def _reject(self, request: web.BaseRequest, rejection: Rejection) -> web.Response:
-        self.metrics.count(rejection.outcome)
+    def _reject(
+        self, request: web.BaseRequest, rejection: Rejection, counts: SourceMetrics
+    ) -> web.Response:
+        counts.count(rejection.outcome)
         if self.rejection_log.allow(rejection.outcome):
             logger.warning(
                 "webhook rejected",
@@ -277,17 +315,19 @@ OWNED_PUBLISHER = web.AppKey("owned_publisher", AmqpPublisher)
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
-    return await _receive(request.app[INGRESS], request)
+    return await _receive(request.app[INGRESS], request, request.match_info.get("source"))
 
 
-async def _receive(ingress: Ingress, request: web.BaseRequest) -> web.Response:
+async def _receive(
+    ingress: Ingress, request: web.BaseRequest, path_source: str | None = None
+) -> web.Response:
     ingress.metrics.requests_in_flight += 1
     trace = ingress.tracing.begin(
         request.headers.getall(TRACEPARENT, []), request.headers.getall(TRACESTATE, [])
     )
     status = 500
     try:
-        response = await ingress.handle(request, trace)
+        response = await ingress.handle(request, trace, path_source)
         status = response.status
         return response
     finally:
@@ -356,7 +396,7 @@ def create_app(
     default only trace context propagation) is shut down, flushing its spans, with the app.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
-    request_metrics = Metrics(secret_count=len(settings.signing_keys))
+    request_metrics = Metrics(secret_count=len(settings.signing_keys), sources=settings.sources)
     owned_publisher = (
         AmqpPublisher(
             settings,
@@ -375,6 +415,12 @@ def create_app(
         verifier=SignatureVerifier(
             settings.signing_keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
         ),
+        source_verifiers={
+            source.name: SignatureVerifier(
+                source.keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
+            )
+            for source in settings.source_secrets
+        },
         metrics=request_metrics,
         dedup=Deduplicator(
             store_from_settings(settings, request_metrics.dedup_store_seconds.observe),
@@ -393,7 +439,11 @@ def create_app(
     app.cleanup_ctx.append(_metric_updates)
     app.on_shutdown.append(_mark_shutting_down)
     app.on_cleanup.append(_flush_traces)
+    for source in settings.source_secrets:
+        request_metrics.source(source.name).secret_count_changed(len(source.keys))
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
+    if settings.sources:
+        app.router.add_post(f"{WEBHOOK_PATH}/{{source}}", receive_webhook)
     if not settings.metrics_port:
         _add_operations_routes(app)
     return app
@@ -428,14 +478,15 @@ def dispatch_webhooks_directly(server: web.Server, app: web.Application) -> None
         return
     ingress = app[INGRESS]
     through_app = server.request_handler
+    # Each source's path as it is sent: names are lowercase letters, digits and '-' only.
+    paths: dict[str, str | None] = {WEBHOOK_PATH: None}
+    paths.update((f"{WEBHOOK_PATH}/{name}", name) for name in ingress.source_verifiers)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        if (
-            request.method == "POST"
-            and request.raw_path == WEBHOOK_PATH
-            and hdrs.EXPECT not in request.headers
-        ):
-            return await _receive(ingress, request)
+        if request.method == "POST" and hdrs.EXPECT not in request.headers:
+            path = request.raw_path
+            if path in paths:
+                return await _receive(ingress, request, paths[path])
         return await through_app(request)
 
     server.request_handler = handle

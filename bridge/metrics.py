@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -39,6 +40,9 @@ class RequestOutcome(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     OVER_BUFFER_BUDGET = "over_buffer_budget"
     """Refused at once: its body would take the process over BRIDGE_MAX_BUFFERED_BYTES."""
+    UNKNOWN_SOURCE = "unknown_source"
+    """Posted to the path of no configured source (404), or with BRIDGE_SOURCES set to the
+    path without one."""
 
 
 _ANSWERED_2XX = frozenset(
@@ -79,8 +83,50 @@ class _Tally:
             self.pending = 0
 
 
+class SourceMetrics:
+    """What requests to one source count: ``source`` labels them when sources are set."""
+
+    __slots__ = ("_metrics", "_outcome_tallies", "_secret_tallies", "labels")
+
+    def __init__(self, metrics: Metrics, labels: dict[str, str], secret_count: int) -> None:
+        self._metrics = metrics
+        self.labels = labels
+        self._outcome_tallies = {
+            outcome: _Tally(metrics.requests.labels(outcome=outcome.value, **labels))
+            for outcome in RequestOutcome
+        }
+        self._secret_tallies: list[_Tally] = []
+        self.secret_count_changed(secret_count)
+
+    def count(self, outcome: RequestOutcome) -> None:
+        self._outcome_tallies[outcome].pending += 1
+
+    def secret_matched(self, index: int) -> None:
+        self._secret_tallies[index].pending += 1
+
+    def secret_count_changed(self, secret_count: int) -> None:
+        """Have a ``secret_index`` child for every position of a reloaded list."""
+        for index in range(len(self._secret_tallies), secret_count):
+            self._secret_tallies.append(
+                _Tally(self._metrics.secret_matches.labels(secret_index=str(index), **self.labels))
+            )
+
+    def secrets_reloaded(self, result: str) -> None:
+        self._metrics.secret_reloads.labels(result=result, **self.labels).inc()
+
+    def tallies(self) -> list[_Tally]:
+        return [*self._outcome_tallies.values(), *self._secret_tallies]
+
+
+SOURCE_LABEL = "source"
+
+
 class Metrics:
-    def __init__(self, secret_count: int) -> None:
+    """The process's metrics; ``sources`` (``BRIDGE_SOURCES``) adds a ``source`` label to the
+    request, secret-match and secret-reload counters, and without them they are as ever."""
+
+    def __init__(self, secret_count: int, sources: Sequence[str] = ()) -> None:
+        by_source = [SOURCE_LABEL] if sources else []
         shared_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
         self.registry = CollectorRegistry(auto_describe=True)
         if shared_dir is not None:
@@ -88,8 +134,8 @@ class Metrics:
         own_registry = None if shared_dir is not None else self.registry
         self.requests = Counter(
             "webhook_bridge_requests",
-            "Webhook requests by how they were answered.",
-            ["outcome"],
+            "Webhook requests by how they were answered (and by source, with BRIDGE_SOURCES).",
+            [*by_source, "outcome"],
             registry=own_registry,
         )
         self.published = Counter(
@@ -144,18 +190,18 @@ class Metrics:
         )
         self.secret_matches = Counter(
             "webhook_bridge_secret_matches",
-            "Verified webhooks by the position (0-based) of the configured secret that matched.",
-            ["secret_index"],
+            "Verified webhooks by the position (0-based) of the configured secret that matched "
+            "(and by source, with BRIDGE_SOURCES).",
+            [*by_source, "secret_index"],
             registry=own_registry,
         )
         self.secret_reloads = Counter(
             "webhook_bridge_secret_reloads",
-            "Changes of the webhook secrets file, by whether the new list was applied or refused.",
-            ["result"],
+            "Changes of the webhook secrets file, by whether the new list was applied or refused "
+            "(and by source, with BRIDGE_SOURCES).",
+            [*by_source, "result"],
             registry=own_registry,
         )
-        for result in ("applied", "refused"):
-            self.secret_reloads.labels(result=result)
         self.dedup_results = Counter(
             "webhook_bridge_dedup_results",
             "Verified webhooks by what deduplication decided.",
@@ -183,25 +229,40 @@ class Metrics:
             result: _Tally(self.dedup_results.labels(result=result.value)) for result in DedupResult
         }
         self._broker_node: str | None = None
-        self._outcome_tallies = {
-            outcome: _Tally(self.requests.labels(outcome=outcome.value))
-            for outcome in RequestOutcome
-        }
+        self.single = SourceMetrics(self, {}, secret_count) if not sources else None
+        """The counts of the one source at /webhooks/openai, without BRIDGE_SOURCES."""
+        self.sources = {name: SourceMetrics(self, {SOURCE_LABEL: name}, 0) for name in sources}
+        self.unknown_source = (
+            self.single if self.single is not None else SourceMetrics(self, {SOURCE_LABEL: ""}, 0)
+        )
+        """Where requests to no configured source count (an empty ``source``: the path's
+        name, chosen by whoever sends, is never a label)."""
+        for each in self._source_metrics():
+            for result in ("applied", "refused"):
+                self.secret_reloads.labels(result=result, **each.labels)
         # Known types are exported from zero: a series born at 1 hides its first event from
         # rate() and increase() (tests/test_prometheus.py sees it through a real Prometheus).
         self._published_tallies = {
             event_type: _Tally(self.published.labels(event_type=event_type))
             for event_type in sorted(KNOWN_EVENT_TYPES)
         }
-        self._secret_tallies = [
-            _Tally(self.secret_matches.labels(secret_index=str(index)))
-            for index in range(secret_count)
-        ]
         self.requests_in_flight = 0
         self._publish_durations: list[float] = []
 
-    def count(self, outcome: RequestOutcome) -> None:
-        self._outcome_tallies[outcome].pending += 1
+    def _source_metrics(self) -> list[SourceMetrics]:
+        return list(self.sources.values()) if self.single is None else [self.single]
+
+    def _counted(self) -> list[SourceMetrics]:
+        if self.single is not None:
+            return [self.single]
+        return [*self.sources.values(), self.unknown_source]
+
+    def source(self, name: str | None) -> SourceMetrics:
+        """The counts of source ``name`` (``None``: the single source)."""
+        if name is None:
+            assert self.single is not None
+            return self.single
+        return self.sources[name]
 
     def event_published(self, event_type: str) -> None:
         tally = self._published_tallies.get(event_type)
@@ -214,9 +275,6 @@ class Metrics:
     def publish_took(self, seconds: float) -> None:
         self._publish_durations.append(seconds)
 
-    def secret_matched(self, index: int) -> None:
-        self._secret_tallies[index].pending += 1
-
     def dedup_result(self, result: DedupResult) -> None:
         self._dedup_tallies[result].pending += 1
 
@@ -225,12 +283,12 @@ class Metrics:
 
     def flush(self) -> None:
         """Hand every tally to prometheus_client."""
+        source_tallies = [tally for each in self._counted() for tally in each.tallies()]
         for tallies in (
-            self._outcome_tallies.values(),
+            source_tallies,
             self._published_tallies.values(),
             self._dedup_tallies.values(),
             self._suppressed_tallies.values(),
-            self._secret_tallies,
         ):
             for tally in tallies:
                 tally.flush()
@@ -238,14 +296,6 @@ class Metrics:
         for seconds in durations:
             self.publish_seconds.observe(seconds)
         self.in_flight.set(self.requests_in_flight)
-
-    def secret_count_changed(self, secret_count: int) -> None:
-        """Have a ``secret_index`` child for every position of a reloaded list."""
-        for index in range(len(self._secret_tallies), secret_count):
-            self._secret_tallies.append(_Tally(self.secret_matches.labels(secret_index=str(index))))
-
-    def secrets_reloaded(self, result: str) -> None:
-        self.secret_reloads.labels(result=result).inc()
 
     def set_broker_connected(self, connected: bool) -> None:
         self.broker_connected.set(1 if connected else 0)

@@ -39,12 +39,14 @@ from bridge.frames import APP_ID, HeaderValue, MessageProperties, encode_publish
 from bridge.limiter import AdaptiveLimit
 from bridge.settings import QueueType, Settings, redact_url
 from bridge.signature import WebhookHeaders
+from bridge.sources import SOURCE_HEADER
 from bridge.tracing import TraceContext, new_trace
 
 logger = logging.getLogger(__name__)
 
 VALIDATED_HEADER = "x-event-validated"
 QUARANTINE_REASON_HEADER = "x-quarantine-reason"
+ALL_EVENTS = "#"
 RETRY_INTERVAL = 0.5
 MAX_RETRY_INTERVAL = 5.0
 # The AMQP timestamp is 64 bits of seconds, but pamqp (aiormq, aio-pika) reads values
@@ -79,11 +81,29 @@ class Publisher(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Topology:
+    """The exchanges and queues the bridge publishes through.
+
+    With sources (``BRIDGE_SOURCES``) each source also has a topic exchange of its own,
+    ``<exchange>.source.<name>``, fed by the headers exchange ``<exchange>.sources`` on the
+    message's ``x-webhook-source``. Without the archive the main exchange feeds that headers
+    exchange with ``#``: every event then has a route, so the main exchange's alternate
+    exchange never fires, and an event that no queue received anywhere comes back as a
+    mandatory return, which the publisher stores in the unrouted queue. (An alternate
+    exchange fires per exchange, when that exchange's own bindings match nothing: it
+    cannot tell whether a source exchange's queue took the event.)
+
+    With the archive, the stream takes every event, so nothing ever comes back: the fanout
+    ingress feeds the stream, the main exchange (which keeps its alternate exchange) and
+    the headers exchange. The unrouted queue then holds what no queue bound to the main
+    exchange received, which includes events only a source exchange's queues received.
+    """
+
     exchange: str
     unrouted_exchange: str
     quarantine_exchange: str
     queue_type: QueueType = "quorum"
     archive: ArchiveRetention | None = None
+    sources: tuple[str, ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -93,7 +113,17 @@ class Topology:
             settings.quarantine_exchange,
             settings.queue_type,
             ArchiveRetention.from_settings(settings),
+            settings.sources,
         )
+
+    def source_exchange(self, source: str) -> str:
+        """The topic exchange of one source's events, by event type."""
+        return f"{self.exchange}.source.{source}"
+
+    @property
+    def sources_exchange(self) -> str:
+        """The headers exchange that hands each event to its source's exchange."""
+        return f"{self.exchange}.sources"
 
     @property
     def ingress_exchange(self) -> str:
@@ -164,16 +194,21 @@ def route(
     body: bytes,
     event: Classified,
     trace: TraceContext | None = None,
+    *,
+    source: str | None = None,
 ) -> OutgoingMessage:
     """Apply the routing policy: nothing authentic is dropped, nothing malformed is routed.
 
-    Every message carries a W3C ``traceparent``: ``trace``'s, or a new trace's.
+    Every message carries a W3C ``traceparent``: ``trace``'s, or a new trace's, and with
+    sources the ``x-webhook-source`` it came from.
     """
     amqp_headers: dict[str, HeaderValue] = {
         "webhook-id": headers.webhook_id,
         "webhook-signature": headers.signature,
         "webhook-timestamp": headers.timestamp,
     }
+    if source is not None:
+        amqp_headers[SOURCE_HEADER] = source
     amqp_headers.update((trace or new_trace()).headers())
     if event.kind == "malformed":
         amqp_headers[QUARANTINE_REASON_HEADER] = event.reason or "malformed"
@@ -305,8 +340,9 @@ class AmqpPublisher:
                 except aiormq.exceptions.PublishError:
                     if message.quarantined:
                         raise
-                    # Returned even via the alternate exchange: the alternate-exchange link
-                    # is missing (e.g. operator-managed topology), so store it directly.
+                    # No queue received it: with sources that is how an unrouted event shows
+                    # (see Topology); without, the alternate-exchange link is missing (e.g.
+                    # operator-managed topology). Either way, store it directly.
                     await self._confirmed(
                         channel, message, self._topology.unrouted_exchange, deadline
                     )
@@ -693,8 +729,46 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, topology: Topo
         durable=True,
         arguments={"alternate-exchange": topology.unrouted_exchange},
     )
+    ingress = None
     if topology.archive is not None:
-        await _declare_archive(channel, topology, topology.archive, main)
+        ingress = await _declare_archive(channel, topology, topology.archive, main)
+    if topology.sources:
+        await _declare_sources(channel, topology, main, ingress)
+
+
+SOURCE_MATCH = "all-with-x"
+"""A headers binding that matches on an ``x-`` header (RabbitMQ 3.10 and later): with
+plain ``all`` RabbitMQ leaves ``x-`` arguments out, and the binding would match everything."""
+
+
+def source_binding(source: str) -> FieldTable:
+    """The arguments binding a source's exchange to the headers exchange."""
+    return {"x-match": SOURCE_MATCH, SOURCE_HEADER: source}
+
+
+async def _declare_sources(
+    channel: aio_pika.abc.AbstractChannel,
+    topology: Topology,
+    main: aio_pika.abc.AbstractExchange,
+    ingress: aio_pika.abc.AbstractExchange | None,
+) -> None:
+    """Each source's topic exchange, behind the headers exchange that picks it (see
+    :class:`Topology` for where that is fed from, with and without the archive)."""
+    by_source = await channel.declare_exchange(
+        topology.sources_exchange, ExchangeType.HEADERS, durable=True
+    )
+    for source in topology.sources:
+        exchange = await channel.declare_exchange(
+            topology.source_exchange(source), ExchangeType.TOPIC, durable=True
+        )
+        await exchange.bind(by_source, arguments=source_binding(source))
+    if ingress is None:
+        await by_source.bind(main, routing_key=ALL_EVENTS)
+    else:
+        # Fed by the main exchange too, it would take every event twice, and the main
+        # exchange's alternate exchange would never fire.
+        await by_source.unbind(main, routing_key=ALL_EVENTS)
+        await by_source.bind(ingress)
 
 
 async def _declare_archive(
@@ -702,7 +776,7 @@ async def _declare_archive(
     topology: Topology,
     retention: ArchiveRetention,
     main: aio_pika.abc.AbstractExchange,
-) -> None:
+) -> aio_pika.abc.AbstractExchange:
     """The archive stream, fed by the ingress exchange and by the quarantine exchange.
 
     A stream bound to the topic exchange itself would count as a route for every event,
@@ -724,6 +798,7 @@ async def _declare_archive(
         ) from None
     await stream.bind(ingress)
     await stream.bind(topology.quarantine_exchange)
+    return ingress
 
 
 async def check_topology(channel: aio_pika.abc.AbstractChannel, topology: Topology) -> None:
@@ -731,6 +806,9 @@ async def check_topology(channel: aio_pika.abc.AbstractChannel, topology: Topolo
     names = [topology.exchange, topology.unrouted_exchange, topology.quarantine_exchange]
     if topology.archive is not None:
         names.append(topology.ingress_exchange)
+    if topology.sources:
+        names.append(topology.sources_exchange)
+        names.extend(topology.source_exchange(source) for source in topology.sources)
     for name in names:
         try:
             await channel.declare_exchange(name, passive=True)

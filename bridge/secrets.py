@@ -83,6 +83,11 @@ def read_secret_file(path: Path) -> tuple[bytes, ...]:
     return decode_secret_text(_first_bytes(path))[1]
 
 
+def read_secret_text(path: Path) -> str:
+    """The comma-separated secrets in ``path``, checked to decode, as text."""
+    return decode_secret_text(_first_bytes(path))[0]
+
+
 def _first_bytes(path: Path | str) -> bytes:
     try:
         with open(path, "rb") as file:
@@ -129,8 +134,11 @@ class SecretReloader:
         apply: Callable[[SignatureVerifier], None],
         counted: Callable[[str], None],
         initial_keys: Sequence[bytes],
+        conflict: Callable[[tuple[bytes, ...]], str | None] = lambda _keys: None,
     ) -> None:
+        """``conflict`` says why a list that decodes may still not be used, or ``None``."""
         self.path = path
+        self._conflict = conflict
         self._current = current
         self._apply = apply
         self._counted = counted
@@ -143,6 +151,8 @@ class SecretReloader:
         """Read the file once; ``requested`` (SIGHUP) reports even an unchanged refusal."""
         async with self._checking:
             keys = await self._read_settled()
+            if not isinstance(keys, str):
+                keys = self._conflict(keys) or keys
             if isinstance(keys, str):
                 self._refuse(keys, requested=requested)
                 return

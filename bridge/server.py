@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
+from functools import partial
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -40,10 +41,11 @@ from bridge.app import (
     dispatch_webhooks_directly,
 )
 from bridge.logs import configure_logging
-from bridge.metrics import MULTIPROCESS_DIR_VARIABLE
+from bridge.metrics import MULTIPROCESS_DIR_VARIABLE, SourceMetrics
 from bridge.secrets import SecretReloader, SecretSource
 from bridge.settings import Settings
 from bridge.signature import SignatureVerifier
+from bridge.sources import shared_secret
 from bridge.tracing import from_environment as tracing_from_environment
 
 logger = logging.getLogger(__name__)
@@ -133,16 +135,14 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
         loop.add_signal_handler(signum, stop.set)
     logger.info(
         "listening on http://%s:%s%s (/healthz, /readyz and /metrics on port %s), publishing "
-        "to exchange %s at %s (%d webhook secret%s from %s)",
+        "to exchange %s at %s (%s)",
         settings.host,
         settings.port,
-        WEBHOOK_PATH,
+        f"{WEBHOOK_PATH}/<source>" if settings.sources else WEBHOOK_PATH,
         settings.metrics_port or settings.port,
         settings.exchange,
         settings.amqp_url_redacted,
-        len(settings.signing_keys),
-        "" if len(settings.signing_keys) == 1 else "s",
-        secret_source.description,
+        _secrets_in_force(settings, secret_source),
     )
     broker_failed = app[OWNED_PUBLISHER].failed
     await _first_of(stop, broker_failed)
@@ -153,14 +153,24 @@ async def serve(settings: Settings, secret_source: SecretSource = FIXED_SECRETS)
     return EXIT_BROKER_NEEDS_OPERATOR if broker_failed.is_set() else 0
 
 
+def _secrets_in_force(settings: Settings, source: SecretSource) -> str:
+    def counted(keys: tuple[bytes, ...], where: SecretSource) -> str:
+        plural = "" if len(keys) == 1 else "s"
+        return f"{len(keys)} webhook secret{plural} from {where.description}"
+
+    if not settings.sources:
+        return counted(settings.signing_keys, source)
+    return "; ".join(
+        f"source {each.name}: {counted(each.keys, each.origin)}" for each in settings.source_secrets
+    )
+
+
 async def _clean_up(runners: list[web.AppRunner]) -> None:
     for runner in runners:
         await runner.cleanup()
 
 
-def listen(
-    host: str, port: int, *, reuse_port: bool, receive_buffer: int | None
-) -> socket.socket:
+def listen(host: str, port: int, *, reuse_port: bool, receive_buffer: int | None) -> socket.socket:
     """A listening TCP socket; ``receive_buffer`` fixes each connection's SO_RCVBUF."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -196,26 +206,84 @@ async def _first_of(*events: asyncio.Event) -> None:
 def reload_secrets_on_change(
     app: web.Application, settings: Settings, source: SecretSource
 ) -> None:
-    """Swap the ingress's verifier when the secrets file changes; SIGHUP checks at once."""
+    """Swap the ingress's verifier when the secrets file changes; SIGHUP checks at once.
+
+    With sources, each source's file is watched on its own: a list refused for one source
+    leaves that source's last good list, and every other source, as they were.
+    """
+    if settings.sources:
+        _reload_source_secrets(app, settings)
+        return
     loop = asyncio.get_running_loop()
     if source.path is None:
         loop.add_signal_handler(signal.SIGHUP, _secrets_cannot_change, source)
         return
     ingress = app[INGRESS]
+    counts = ingress.metrics.source(None)
 
     def apply(verifier: SignatureVerifier) -> None:
-        ingress.metrics.secret_count_changed(verifier.secret_count)
+        counts.secret_count_changed(verifier.secret_count)
         ingress.verifier = verifier
 
     reloader = SecretReloader(
         source.path,
         current=lambda: ingress.verifier,
         apply=apply,
-        counted=ingress.metrics.secrets_reloaded,
+        counted=counts.secrets_reloaded,
         initial_keys=settings.signing_keys,
     )
     loop.add_signal_handler(signal.SIGHUP, reloader.request)
     app.cleanup_ctx.append(lambda _app: reloader.watch(settings.secrets_poll_interval))
+
+
+def _reload_source_secrets(app: web.Application, settings: Settings) -> None:
+    ingress = app[INGRESS]
+    in_force = {source.name: source.keys for source in settings.source_secrets}
+    reloaders = []
+    fixed = [source for source in settings.source_secrets if source.origin.path is None]
+    for source in settings.source_secrets:
+        if source.origin.path is None:
+            continue
+        name, counts = source.name, ingress.metrics.source(source.name)
+
+        def apply(
+            verifier: SignatureVerifier, name: str = name, counts: SourceMetrics = counts
+        ) -> None:
+            counts.secret_count_changed(verifier.secret_count)
+            ingress.source_verifiers[name] = verifier
+
+        def conflict(keys: tuple[bytes, ...], name: str = name) -> str | None:
+            """A list sharing a secret with another source is refused; one that passes is
+            the one in force from here on (applied, or unchanged)."""
+            others = [(other, held) for other, held in in_force.items() if other != name]
+            shared = shared_secret([*others, (name, keys)])
+            if shared is not None:
+                return f"source {shared[0]!r} holds one of its secrets"
+            in_force[name] = keys
+            return None
+
+        reloaders.append(
+            SecretReloader(
+                source.origin.path,
+                current=partial(ingress.source_verifiers.__getitem__, name),
+                apply=apply,
+                counted=counts.secrets_reloaded,
+                initial_keys=source.keys,
+                conflict=conflict,
+            )
+        )
+
+    def on_sighup() -> None:
+        for source in fixed:
+            _secrets_cannot_change(source.origin)
+        for reloader in reloaders:
+            reloader.request()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup)
+    for reloader in reloaders:
+        app.cleanup_ctx.append(
+            lambda _app, reloader=reloader: reloader.watch(settings.secrets_poll_interval)
+        )
 
 
 def _secrets_cannot_change(source: SecretSource) -> None:

@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from bridge.secrets import SECRET_FILE_NAME
 from bridge.settings import ENV_PREFIX, SECRETS_DIR_VARIABLE, Settings, SettingsError, env_name
 
 
@@ -26,14 +27,21 @@ def check_setting_names(environment: Mapping[str, str], secrets_dir: Path) -> No
     """
     valid = valid_setting_names()
     for name in sorted(environment):
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in valid:
+        upper = name.upper()
+        # Each source's variable is checked against BRIDGE_SOURCES with the sources.
+        if upper.startswith(ENV_PREFIX) and upper not in valid and not is_source_secret(upper):
             raise SettingsError(_unknown(f"environment variable {name}", name, valid))
-    for name in sorted(_visible_entries(secrets_dir)):
+    for name in sorted(_visible_files(secrets_dir)):
         if name.upper() not in valid:
             raise SettingsError(_unknown(f"file {name} in {secrets_dir}", name, valid))
 
 
-def _visible_entries(directory: Path) -> Iterable[str]:
+def is_source_secret(variable: str) -> bool:
+    return variable.startswith(f"{SECRET_FILE_NAME}_")
+
+
+def _visible_files(directory: Path) -> Iterable[str]:
+    """The settings files: directories hold each source's secrets, checked with the sources."""
     try:
         entries = list(directory.iterdir())
     except FileNotFoundError:
@@ -42,7 +50,9 @@ def _visible_entries(directory: Path) -> Iterable[str]:
         raise SettingsError(
             f"cannot list {directory} ({SECRETS_DIR_VARIABLE}): {error.strerror}"
         ) from None
-    return [entry.name for entry in entries if not entry.name.startswith(".")]
+    return [
+        entry.name for entry in entries if not entry.name.startswith(".") and not entry.is_dir()
+    ]
 
 
 def _unknown(what: str, name: str, valid: frozenset[str]) -> str:

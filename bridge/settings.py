@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -12,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BeforeValidator,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -23,6 +25,7 @@ from yarl import URL
 
 from bridge.extras import installed
 from bridge.signature import decode_secret_list
+from bridge.sources import SourceError, SourceSecrets, load_source_secrets, parse_source_names
 
 ENV_PREFIX = "BRIDGE_"
 SECRETS_DIR_VARIABLE = f"{ENV_PREFIX}SECRETS_DIR"
@@ -61,7 +64,18 @@ class Settings(BaseSettings):
     )
 
     webhook_secret: Annotated[SecretStr, NoDecode] = Field(
-        description="One or more whsec_ secrets, comma-separated; any one matching passes."
+        default=SecretStr(""),
+        description="One or more whsec_ secrets, comma-separated; any one matching passes. "
+        "Required without BRIDGE_SOURCES; with it, each source has its own "
+        "(BRIDGE_WEBHOOK_SECRET_<NAME>, or the file <name>/BRIDGE_WEBHOOK_SECRET in "
+        "BRIDGE_SECRETS_DIR).",
+    )
+    sources: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated names of the OpenAI projects served, each at "
+        "/webhooks/openai/<name> with its own secrets, its messages labelled with the "
+        "x-webhook-source header and also routed to the exchange <exchange>.source.<name>; "
+        "empty: one project at /webhooks/openai.",
     )
     secrets_poll_interval: Annotated[float, Field(ge=0, le=3600)] = Field(
         default=2.0,
@@ -227,11 +241,37 @@ class Settings(BaseSettings):
             )
         return value
 
+    _source_secrets: tuple[SourceSecrets, ...] = PrivateAttr(default=())
+
     @field_validator("webhook_secret")
     @classmethod
     def _usable_secrets(cls, value: SecretStr) -> SecretStr:
-        _decode_secrets(value)
+        # Empty: unset, or set empty, which the check across settings tells apart.
+        if value.get_secret_value():
+            _decode_secrets(value)
         return value
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _source_names(cls, value: Any) -> Any:
+        return parse_source_names(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_secret_list_or_sources(self) -> Settings:
+        given = "webhook_secret" in self.model_fields_set
+        if self.sources and given:
+            raise ValueError(
+                "BRIDGE_WEBHOOK_SECRET is set with BRIDGE_SOURCES, which reads each source's "
+                "secrets as BRIDGE_WEBHOOK_SECRET_<NAME> or <BRIDGE_SECRETS_DIR>/<name>/"
+                "BRIDGE_WEBHOOK_SECRET: move it to its source"
+            )
+        if not self.sources and not given:
+            raise ValueError(
+                "BRIDGE_WEBHOOK_SECRET is required (or BRIDGE_SOURCES, with secrets per source)"
+            )
+        if given and not self.webhook_secret.get_secret_value():
+            raise ValueError(f"{env_name('webhook_secret')} secret #1 is empty")
+        return self
 
     @model_validator(mode="after")
     def _default_exchange_names(self) -> Settings:
@@ -324,7 +364,21 @@ class Settings(BaseSettings):
 
     @cached_property
     def signing_keys(self) -> tuple[bytes, ...]:
-        return _decode_secrets(self.webhook_secret)
+        """The secrets of the single source (none with ``BRIDGE_SOURCES``)."""
+        return () if self.sources else _decode_secrets(self.webhook_secret)
+
+    @property
+    def source_secrets(self) -> tuple[SourceSecrets, ...]:
+        """Each configured source's secrets, in the order of ``BRIDGE_SOURCES``."""
+        return self._source_secrets
+
+    def with_source_secrets(self, secrets_dir: Path, environment: Mapping[str, str]) -> Settings:
+        """Read every source's secrets (see :mod:`bridge.sources`); raises SettingsError."""
+        try:
+            self._source_secrets = load_source_secrets(self.sources, secrets_dir, environment)
+        except SourceError as error:
+            raise SettingsError(str(error)) from None
+        return self
 
     @property
     def archive_enabled(self) -> bool:
@@ -394,9 +448,10 @@ def load_settings(secrets_dir: Path | None = None, **overrides: Any) -> Settings
     secrets_dir = secrets_dir or default_secrets_dir()
     directory = secrets_dir if secrets_dir.is_dir() else None
     try:
-        return Settings(_secrets_dir=directory, **overrides)
+        settings = Settings(_secrets_dir=directory, **overrides)
     except ValidationError as error:
         raise settings_error(error) from None
+    return settings.with_source_secrets(secrets_dir, os.environ)
 
 
 def settings_error(error: ValidationError) -> SettingsError:
