@@ -130,15 +130,14 @@ class Ingress:
     settings: Settings
     publisher: Publisher
     topology: Topology
-    verifier: SignatureVerifier
-    """The single source's (an unused empty one with BRIDGE_SOURCES)."""
+    verifiers: dict[str | None, SignatureVerifier]
+    """By source name, or under ``None`` the single source's without BRIDGE_SOURCES; a
+    reload swaps one entry."""
     metrics: Metrics
     dedup: Deduplicator[Delivery]
     tracing: Tracing
     budget: BodyBudget
     rejection_log: RateLimitedLog[RequestOutcome]
-    source_verifiers: dict[str, SignatureVerifier] = field(default_factory=dict)
-    """Each source's, by name, with BRIDGE_SOURCES; swapped on a reload like ``verifier``."""
     shutting_down: bool = False
     _success_bodies: dict[RequestOutcome, bytes] = field(
         default_factory=lambda: {
@@ -192,19 +191,25 @@ class Ingress:
         counts.count(outcome)
         return web.Response(body=self._success_bodies[outcome], content_type=JSON)
 
+    @property
+    def verifier(self) -> SignatureVerifier:
+        """The single source's verifier (without BRIDGE_SOURCES)."""
+        return self.verifiers[None]
+
+    @verifier.setter
+    def verifier(self, verifier: SignatureVerifier) -> None:
+        self.verifiers[None] = verifier
+
     def _source(self, path_source: str | None) -> tuple[str | None, SignatureVerifier]:
         """The source a request is for and the verifier of its secrets; 404 for none."""
-        if not self.source_verifiers:
-            return None, self.verifier
-        if path_source is None:
-            raise Rejection(
-                404,
-                RequestOutcome.UNKNOWN_SOURCE,
-                f"sources are configured: post to {WEBHOOK_PATH}/<source>",
-            )
-        verifier = self.source_verifiers.get(path_source)
+        verifier = self.verifiers.get(path_source)
         if verifier is None:
-            raise Rejection(404, RequestOutcome.UNKNOWN_SOURCE, "no such source")
+            reason = (
+                "no such source"
+                if path_source is not None
+                else f"sources are configured: post to {WEBHOOK_PATH}/<source>"
+            )
+            raise Rejection(404, RequestOutcome.UNKNOWN_SOURCE, reason)
         return path_source, verifier
 
     def _check_before_body(self, request: web.BaseRequest) -> WebhookHeaders:
@@ -412,14 +417,11 @@ def create_app(
         settings=settings,
         publisher=chosen,
         topology=Topology.from_settings(settings),
-        verifier=SignatureVerifier(
-            settings.signing_keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
-        ),
-        source_verifiers={
-            source.name: SignatureVerifier(
-                source.keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
+        verifiers={
+            name: SignatureVerifier(
+                keys, tolerance_seconds=settings.timestamp_tolerance, clock=clock
             )
-            for source in settings.source_secrets
+            for name, keys in _secrets_by_source(settings)
         },
         metrics=request_metrics,
         dedup=Deduplicator(
@@ -447,6 +449,12 @@ def create_app(
     if not settings.metrics_port:
         _add_operations_routes(app)
     return app
+
+
+def _secrets_by_source(settings: Settings) -> list[tuple[str | None, tuple[bytes, ...]]]:
+    if not settings.sources:
+        return [(None, settings.signing_keys)]
+    return [(source.name, source.keys) for source in settings.source_secrets]
 
 
 def create_operations_app(app: web.Application) -> web.Application:
@@ -480,7 +488,7 @@ def dispatch_webhooks_directly(server: web.Server, app: web.Application) -> None
     through_app = server.request_handler
     # Each source's path as it is sent: names are lowercase letters, digits and '-' only.
     paths: dict[str, str | None] = {WEBHOOK_PATH: None}
-    paths.update((f"{WEBHOOK_PATH}/{name}", name) for name in ingress.source_verifiers)
+    paths.update((f"{WEBHOOK_PATH}/{name}", name) for name in ingress.verifiers if name)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "POST" and hdrs.EXPECT not in request.headers:

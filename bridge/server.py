@@ -250,7 +250,7 @@ def _reload_source_secrets(app: web.Application, settings: Settings) -> None:
             verifier: SignatureVerifier, name: str = name, counts: SourceMetrics = counts
         ) -> None:
             counts.secret_count_changed(verifier.secret_count)
-            ingress.source_verifiers[name] = verifier
+            ingress.verifiers[name] = verifier
 
         def conflict(keys: tuple[bytes, ...], name: str = name) -> str | None:
             """A list sharing a secret with another source is refused; one that passes is
@@ -265,7 +265,7 @@ def _reload_source_secrets(app: web.Application, settings: Settings) -> None:
         reloaders.append(
             SecretReloader(
                 source.origin.path,
-                current=partial(ingress.source_verifiers.__getitem__, name),
+                current=partial(ingress.verifiers.__getitem__, name),
                 apply=apply,
                 counted=counts.secrets_reloaded,
                 initial_keys=source.keys,

@@ -13,7 +13,6 @@ import contextlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -74,10 +73,7 @@ class SourceSecrets:
     name: str
     secret: SecretStr
     origin: SecretSource
-
-    @cached_property
-    def keys(self) -> tuple[bytes, ...]:
-        return decode_secret_list(self.secret.get_secret_value())
+    keys: tuple[bytes, ...]
 
 
 def load_source_secrets(
@@ -129,10 +125,10 @@ def _load_one(name: str, secrets_dir: Path, environment: Mapping[str, str]) -> S
             f"{source_directory(secrets_dir, name) / SECRET_FILE_NAME}"
         )
     try:
-        decode_secret_list(text)
+        keys = decode_secret_list(text)
     except InvalidSecretError as error:
         raise SourceError(f"source {name!r}: {where}: {error}") from None
-    return SourceSecrets(name, SecretStr(text), origin)
+    return SourceSecrets(name, SecretStr(text), origin, keys)
 
 
 def _refuse_strays(names: Sequence[str], secrets_dir: Path, environment: Mapping[str, str]) -> None:

@@ -1,0 +1,470 @@
+"""Sources (BRIDGE_SOURCES): each project's path and secrets, its label downstream, the
+exchange of its own next to the shared one, and the unrouted guarantee across both."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from bridge.app import WEBHOOK_PATH, create_app
+from bridge.publisher import Topology
+from bridge.samples import sample_body
+from bridge.settings import Settings, SettingsError, load_settings
+from bridge.sources import SOURCE_HEADER
+from tests.conftest import (
+    AMQP_URL,
+    AiohttpClient,
+    BridgeProcess,
+    Broker,
+    Client,
+    Signer,
+    new_secret,
+    post_webhook,
+    unique_name,
+)
+from tests.test_integration import wait_until_ready
+
+SOURCES = ("prod", "staging", "team-b")
+
+
+@dataclass
+class Projects:
+    """Three OpenAI projects, each with its own secret, in a secrets directory."""
+
+    secrets_dir: Path
+    signers: dict[str, Signer]
+
+    def secret_file(self, source: str) -> Path:
+        return self.secrets_dir / source / "BRIDGE_WEBHOOK_SECRET"
+
+    def write(self, source: str, text: str) -> None:
+        self.secret_file(source).write_text(text + "\n")
+
+
+@pytest.fixture
+def projects(tmp_path: Path) -> Projects:
+    secrets_dir = tmp_path / "secrets"
+    signers = {source: Signer() for source in SOURCES}
+    for source, signer in signers.items():
+        (secrets_dir / source).mkdir(parents=True)
+        (secrets_dir / source / "BRIDGE_WEBHOOK_SECRET").write_text(signer.secret + "\n")
+    return Projects(secrets_dir, signers)
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in os.environ:
+        if name.startswith("BRIDGE_"):
+            monkeypatch.delenv(name)
+
+
+def source_settings(projects: Projects, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "sources": ",".join(SOURCES),
+        "amqp_url": AMQP_URL,
+        "exchange": unique_name("test.webhooks"),
+        "publish_timeout": 2.0,
+        "drain_timeout": 5.0,
+        "metrics_port": 0,
+    }
+    values.update(overrides)
+    return load_settings(secrets_dir=projects.secrets_dir, **values)
+
+
+def forget_source_topology(broker: Broker, topology: Topology) -> None:
+    broker.forget_topology(topology)
+    broker.created_exchanges += [topology.sources_exchange]
+    broker.created_exchanges += [topology.source_exchange(name) for name in topology.sources]
+
+
+# --- Configuration -------------------------------------------------------------------------
+
+
+def test_each_source_reads_its_variable_or_its_file(
+    projects: Projects, clean_environment: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from_environment = new_secret()
+    monkeypatch.setenv("BRIDGE_WEBHOOK_SECRET_TEAM_B", from_environment)
+    settings = source_settings(projects)
+    assert settings.sources == SOURCES
+    by_name = {source.name: source for source in settings.source_secrets}
+    assert by_name["prod"].secret.get_secret_value() == projects.signers["prod"].secret
+    assert by_name["prod"].origin.path == projects.secret_file("prod")
+    assert by_name["team-b"].secret.get_secret_value() == from_environment
+    assert by_name["team-b"].origin.path is None  # fixed for the process
+    assert settings.signing_keys == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            "missing",
+            "source 'staging' has no webhook secret: set BRIDGE_WEBHOOK_SECRET_STAGING, or write",
+        ),
+        ("malformed", "BRIDGE_SOURCES source 'Prod' is not a valid name"),
+        ("too long", "BRIDGE_SOURCES source #2 is not a valid name"),
+        ("twice", "BRIDGE_SOURCES source 'prod' is named twice"),
+        ("shared", "sources 'prod' and 'staging' share a webhook secret"),
+        ("undecodable", "source 'prod': "),
+        ("stray variable", "environment variable BRIDGE_WEBHOOK_SECRET_QA names no source"),
+        ("stray directory", "names no source in BRIDGE_SOURCES"),
+        ("single secret too", "BRIDGE_WEBHOOK_SECRET is set with BRIDGE_SOURCES"),
+    ],
+)
+def test_start_up_refusals_are_one_line(
+    projects: Projects, tmp_path: Path, change: str, message: str
+) -> None:
+    """``serve`` stops with one line naming what to do, for every refusal of the sources."""
+    sources = ",".join(SOURCES)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")}
+    if change == "missing":
+        projects.secret_file("staging").unlink()
+    elif change == "malformed":
+        sources = "Prod,staging"
+    elif change == "too long":
+        sources = "prod," + "x" * 80
+    elif change == "twice":
+        sources = "prod,staging,prod"
+    elif change == "shared":
+        projects.write("staging", f"{new_secret()},{projects.signers['prod'].secret}")
+    elif change == "undecodable":
+        projects.write("prod", "whsec_c2hvcnQ=")
+    elif change == "stray variable":
+        environment["BRIDGE_WEBHOOK_SECRET_QA"] = new_secret()
+    elif change == "stray directory":
+        (projects.secrets_dir / "qa").mkdir()
+    elif change == "single secret too":
+        environment["BRIDGE_WEBHOOK_SECRET"] = new_secret()
+    environment.update(
+        BRIDGE_SOURCES=sources,
+        BRIDGE_SECRETS_DIR=str(projects.secrets_dir),
+        BRIDGE_AMQP_URL=AMQP_URL,
+    )
+    refused = subprocess.run(
+        [sys.executable, "-m", "bridge", "serve"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode != 0
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert message in lines[0]
+    for signer in projects.signers.values():
+        assert signer.secret.removeprefix("whsec_") not in refused.stderr
+
+
+def test_without_sources_the_single_secret_is_still_required(
+    clean_environment: None, tmp_path: Path
+) -> None:
+    with pytest.raises(SettingsError, match="BRIDGE_WEBHOOK_SECRET is required"):
+        load_settings(secrets_dir=tmp_path)
+
+
+# --- Ingress and routing on the broker --------------------------------------------------------
+
+
+@pytest.fixture
+async def sourced(
+    aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
+) -> tuple[Client, Settings, Topology]:
+    settings = source_settings(projects)
+    topology = Topology.from_settings(settings)
+    forget_source_topology(broker, topology)
+    client = await aiohttp_client(create_app(settings))
+    await wait_until_ready(client)
+    return client, settings, topology
+
+
+async def post(client: Client, path: str, signer: Signer, body: bytes) -> int:
+    response = await client.post(path, data=body, headers=signer.headers(body))
+    return response.status
+
+
+async def drained(broker: Broker, *queues: str) -> dict[str, list[AbstractIncomingMessage]]:
+    return {queue: await broker.drain(queue) for queue in queues}
+
+
+@pytest.mark.broker
+async def test_each_source_reaches_the_main_exchange_and_its_own_labelled(
+    sourced: tuple[Client, Settings, Topology], broker: Broker, projects: Projects
+) -> None:
+    client, settings, topology = sourced
+    everyone = await broker.bind_queue(settings.exchange, "batch.*")
+    prod_only = await broker.bind_queue(topology.source_exchange("prod"), "batch.*")
+    staging_all = await broker.bind_queue(topology.source_exchange("staging"), "#")
+    sent: dict[str, bytes] = {}
+    for source in ("prod", "staging"):
+        body = sample_body("batch.completed").replace(b"{", b"{ ", 1)
+        sent[source] = body
+        assert await post(client, f"{WEBHOOK_PATH}/{source}", projects.signers[source], body) == 200
+
+    got = await drained(broker, everyone, prod_only, staging_all, topology.unrouted_exchange)
+    assert sorted(
+        (str(message.headers[SOURCE_HEADER]), message.body) for message in got[everyone]
+    ) == sorted(sent.items())
+    for queue, source in ((prod_only, "prod"), (staging_all, "staging")):
+        [message] = got[queue]
+        assert message.body == sent[source]
+        assert message.routing_key == "batch.completed"
+        assert message.headers[SOURCE_HEADER] == source
+        assert message.message_id is not None
+    assert got[topology.unrouted_exchange] == []
+
+
+@pytest.mark.broker
+async def test_forged_unknown_and_source_less_requests_publish_nothing(
+    sourced: tuple[Client, Settings, Topology], broker: Broker, projects: Projects
+) -> None:
+    client, settings, topology = sourced
+    everyone = await broker.bind_queue(settings.exchange, "#")
+    per_source = [await broker.bind_queue(topology.source_exchange(name), "#") for name in SOURCES]
+    body = sample_body("batch.completed")
+    # Signed by staging's secret, posted as prod: the source is not provable, so refused.
+    assert await post(client, f"{WEBHOOK_PATH}/prod", projects.signers["staging"], body) == 401
+    assert await post(client, f"{WEBHOOK_PATH}/qa", projects.signers["prod"], body) == 404
+    assert await post(client, WEBHOOK_PATH, projects.signers["prod"], body) == 404
+    response = await client.post(f"{WEBHOOK_PATH}/qa", data=body)
+    assert (await response.json())["error"] == "unknown_source"
+
+    got = await drained(broker, everyone, *per_source, topology.unrouted_exchange)
+    assert all(messages == [] for messages in got.values())
+    exposition = (await (await client.get("/metrics")).read()).decode()
+    assert 'webhook_bridge_requests_total{outcome="unauthorized",source="prod"} 1.0' in exposition
+    assert 'webhook_bridge_requests_total{outcome="unknown_source",source=""} 3.0' in exposition
+
+
+@pytest.mark.broker
+async def test_the_same_webhook_id_is_one_event_per_source(
+    sourced: tuple[Client, Settings, Topology], broker: Broker, projects: Projects
+) -> None:
+    client, settings, _topology = sourced
+    everyone = await broker.bind_queue(settings.exchange, "#")
+    body = sample_body("batch.completed")
+    for source in ("prod", "staging", "prod"):
+        headers = projects.signers[source].headers(body, webhook_id="wh_same")
+        assert (await client.post(f"{WEBHOOK_PATH}/{source}", data=body, headers=headers)).ok
+    messages = await broker.drain(everyone)
+    assert sorted(str(message.headers[SOURCE_HEADER]) for message in messages) == [
+        "prod",
+        "staging",
+    ]
+
+
+@pytest.mark.broker
+async def test_malformed_events_are_quarantined_with_their_source(
+    sourced: tuple[Client, Settings, Topology], broker: Broker, projects: Projects
+) -> None:
+    client, _settings, topology = sourced
+    body = b'{"type": "batch.completed"}'
+    assert await post(client, f"{WEBHOOK_PATH}/team-b", projects.signers["team-b"], body) == 200
+    message = await broker.get(topology.quarantine_exchange)
+    assert message.body == body
+    assert message.headers[SOURCE_HEADER] == "team-b"
+
+
+# --- The unrouted guarantee -----------------------------------------------------------------
+
+
+async def unrouted_case(
+    client: Client, broker: Broker, projects: Projects, topology: Topology
+) -> dict[str, list[str]]:
+    """Post one event of a type bound only on prod's exchange from prod and from staging,
+    and one bound only on the main exchange; the ids each queue holds afterwards."""
+    prod_only = await broker.bind_queue(topology.source_exchange("prod"), "fine_tuning.#")
+    everyone = await broker.bind_queue(topology.exchange, "batch.*")
+    ids: dict[str, str] = {}
+    for name, source, event_type in (
+        ("prod fine-tuning", "prod", "fine_tuning.job.succeeded"),
+        ("staging fine-tuning", "staging", "fine_tuning.job.succeeded"),
+        ("staging batch", "staging", "batch.completed"),
+    ):
+        body = sample_body(event_type)
+        headers = projects.signers[source].headers(body)
+        ids[name] = headers["webhook-id"]
+        response = await client.post(f"{WEBHOOK_PATH}/{source}", data=body, headers=headers)
+        assert response.status == 200
+    got = await drained(broker, prod_only, everyone, topology.unrouted_exchange)
+    names = {webhook_id: name for name, webhook_id in ids.items()}
+    return {
+        queue: sorted(names[message.message_id or ""] for message in messages)
+        for queue, messages in zip(("prod only", "everyone", "unrouted"), got.values(), strict=True)
+    }
+
+
+@pytest.mark.broker
+async def test_unrouted_holds_exactly_what_no_queue_received(
+    sourced: tuple[Client, Settings, Topology], broker: Broker, projects: Projects
+) -> None:
+    """Both ways: received by a queue on a source exchange only, it is not unrouted; received
+    by no queue on any exchange, it is; received on the main exchange only, it is not."""
+    client, _settings, topology = sourced
+    assert await unrouted_case(client, broker, projects, topology) == {
+        "prod only": ["prod fine-tuning"],
+        "everyone": ["staging batch"],
+        "unrouted": ["staging fine-tuning"],
+    }
+
+
+@pytest.mark.broker
+async def test_with_the_archive_unrouted_counts_the_main_exchange_only(
+    aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
+) -> None:
+    """The documented limit: the stream takes every event, so nothing is ever returned, and
+    the main exchange's alternate exchange decides. Nothing is lost or doubled."""
+    settings = source_settings(projects, archive_max_bytes=10_000_000)
+    topology = Topology.from_settings(settings)
+    forget_source_topology(broker, topology)
+    client = await aiohttp_client(create_app(settings))
+    await wait_until_ready(client)
+    assert await unrouted_case(client, broker, projects, topology) == {
+        "prod only": ["prod fine-tuning"],
+        "everyone": ["staging batch"],
+        "unrouted": ["prod fine-tuning", "staging fine-tuning"],
+    }
+
+
+# --- Two bridge processes, reloads, metrics ---------------------------------------------------
+
+
+def start_sourced_bridge(
+    start_bridge: Callable[..., BridgeProcess], projects: Projects, exchange: str
+) -> BridgeProcess:
+    return start_bridge(
+        exchange,
+        BRIDGE_WEBHOOK_SECRET=None,
+        BRIDGE_SOURCES=",".join(SOURCES),
+        BRIDGE_SECRETS_DIR=str(projects.secrets_dir),
+        BRIDGE_SECRETS_POLL_INTERVAL="0.2",
+    )
+
+
+async def post_to(bridge: BridgeProcess, source: str, signer: Signer) -> int:
+    body = sample_body("batch.completed")
+    return await post_webhook(f"{bridge.url}/{source}", body, signer.headers(body))
+
+
+async def metrics_of(bridge: BridgeProcess) -> str:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{bridge.port}/metrics") as response,
+    ):
+        return await response.text()
+
+
+@pytest.fixture
+def two_bridges(
+    start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
+) -> tuple[BridgeProcess, BridgeProcess]:
+    exchange = unique_name("test.webhooks")
+    forget_source_topology(
+        broker,
+        Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES),
+    )
+    return (
+        start_sourced_bridge(start_bridge, projects, exchange),
+        start_sourced_bridge(start_bridge, projects, exchange),
+    )
+
+
+@pytest.mark.broker
+async def test_a_rotation_of_one_source_while_the_others_keep_taking_traffic(
+    two_bridges: tuple[BridgeProcess, BridgeProcess], broker: Broker, projects: Projects
+) -> None:
+    first, second = two_bridges
+    for bridge in two_bridges:
+        await bridge.wait_ready()
+    everyone = await broker.bind_queue(first.exchange, "#")
+    old_prod = projects.signers["prod"]
+    new_prod = Signer()
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def keep_posting() -> None:
+        while not stop.is_set():
+            for bridge in two_bridges:
+                for source in ("staging", "team-b"):
+                    statuses.append(await post_to(bridge, source, projects.signers[source]))
+
+    traffic = asyncio.create_task(keep_posting())
+    try:
+        assert await post_to(first, "prod", new_prod) == 401
+        projects.write("prod", f"{new_prod.secret},{old_prod.secret}")
+        second.process.send_signal(signal.SIGHUP)  # the first finds it by polling
+        for bridge in two_bridges:
+            deadline = time.monotonic() + 15
+            while await post_to(bridge, "prod", new_prod) != 200:
+                assert time.monotonic() < deadline, "the new prod secret was not taken up"
+                await asyncio.sleep(0.1)
+            assert await post_to(bridge, "prod", old_prod) == 200  # still in the list
+            # Another project's secret never opens prod's path.
+            assert await post_to(bridge, "prod", projects.signers["staging"]) == 401
+    finally:
+        stop.set()
+        await traffic
+    assert statuses
+    assert set(statuses) == {200}
+    messages = await broker.drain(everyone)
+    assert {message.headers[SOURCE_HEADER] for message in messages} == set(SOURCES)
+    for bridge in two_bridges:
+        exposition = await metrics_of(bridge)
+        assert 'webhook_bridge_secret_reloads_total{result="applied",source="prod"} 1.0' in (
+            exposition
+        )
+        assert 'webhook_bridge_secret_reloads_total{result="applied",source="staging"} 0.0' in (
+            exposition
+        )
+        assert 'webhook_bridge_secret_matches_total{secret_index="0",source="prod"}' in exposition
+
+
+@pytest.mark.broker
+async def test_a_refused_reload_of_one_source_leaves_every_source_as_it_was(
+    two_bridges: tuple[BridgeProcess, BridgeProcess], projects: Projects
+) -> None:
+    first, second = two_bridges
+    for bridge in two_bridges:
+        await bridge.wait_ready()
+    projects.write("staging", "whsec_not-base64!")
+    # A list that decodes but holds prod's secret would make the source unprovable.
+    projects.write("team-b", f"{new_secret()},{projects.signers['prod'].secret}")
+    for bridge in two_bridges:
+        bridge.process.send_signal(signal.SIGHUP)
+    for bridge in two_bridges:
+        deadline = time.monotonic() + 15
+        while True:
+            exposition = await metrics_of(bridge)
+            refused = [
+                line
+                for line in exposition.splitlines()
+                if line.startswith('webhook_bridge_secret_reloads_total{result="refused"')
+                and not line.endswith(" 0.0")
+            ]
+            if len(refused) == 2:
+                break
+            assert time.monotonic() < deadline, exposition
+            await asyncio.sleep(0.1)
+        assert {line.split('source="')[1].split('"')[0] for line in refused} == {
+            "staging",
+            "team-b",
+        }
+        for source in SOURCES:
+            assert await post_to(bridge, source, projects.signers[source]) == 200
+    log = second.log_path.read_text()
+    assert "refused the webhook secrets in" in log
+    assert "source 'prod' holds one of its secrets" in log
+    assert projects.signers["prod"].secret.removeprefix("whsec_") not in log
+    first.stop()
