@@ -74,6 +74,7 @@ _KINDS: dict[Any, str] = {
     str: "text",
     Path: "path",
     SecretStr: "secret",
+    tuple[str, ...]: "names, comma-separated",
 }
 
 
@@ -88,7 +89,7 @@ def _default(field: FieldInfo) -> str:
     if isinstance(value, SecretStr):
         text = value.get_secret_value()
         return redact_url(URL(text)) if "://" in text else ("(empty)" if not text else "(set)")
-    if value is None or value == "":
+    if value is None or value == "" or value == ():
         return "(empty)"
     if isinstance(value, bool):
         return str(value).lower()

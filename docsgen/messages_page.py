@@ -57,9 +57,13 @@ HEADERS = {
     "x-event-validated": "`true` when the body validated against its type's model; `false` for "
     "a type the bridge does not model.",
     "x-quarantine-reason": "Why the body was quarantined (never its content).",
+    "x-webhook-source": "With `BRIDGE_SOURCES`: the source (OpenAI project) whose path and "
+    "secret the webhook came by, e.g. `prod`. Absent without sources (one project), so "
+    "messages are exactly as before; see the guide to several OpenAI projects.",
 }
 KINDS = ("known type", "unknown type", "quarantined")
 EXAMPLE_ARCHIVE_MAX_AGE = "7D"
+EXAMPLE_SOURCES = "prod,staging"
 
 
 def _body(**fields: Any) -> bytes:
@@ -77,7 +81,8 @@ def _messages(topology: Topology) -> dict[str, OutgoingMessage]:
         "quarantined": _body(type="batch.completed"),
     }
     return {
-        kind: route(topology, headers, body, classify(body), trace) for kind, body in bodies.items()
+        kind: route(topology, headers, body, classify(body), trace, source="prod")
+        for kind, body in bodies.items()
     }
 
 
@@ -143,9 +148,21 @@ class _Declared:
     arguments: Mapping[str, Any]
     bound_to: list[str] = field(default_factory=list)
 
-    async def bind(self, source: _Declared | str, routing_key: str | None = None) -> None:
+    async def bind(
+        self,
+        source: _Declared | str,
+        routing_key: str | None = None,
+        *,
+        arguments: Mapping[str, Any] | None = None,
+    ) -> None:
         name = source.name if isinstance(source, _Declared) else source
-        self.bound_to.append(name if routing_key is None else f"{name} ({routing_key})")
+        matched = routing_key or ", ".join(
+            f"{key}={value}" for key, value in (arguments or {}).items()
+        )
+        self.bound_to.append(f"{name} ({matched})" if matched else name)
+
+    async def unbind(self, source: _Declared | str, routing_key: str | None = None) -> None:
+        """Only a binding left by an earlier configuration is ever unbound."""
 
 
 class _RecordingChannel:
@@ -207,6 +224,11 @@ def _settings(**overrides: Any) -> Settings:
 def render() -> str:
     topology = Topology.from_settings(_settings())
     archived = Topology.from_settings(_settings(archive_max_age=EXAMPLE_ARCHIVE_MAX_AGE))
+    sourced = Topology.from_settings(Settings(sources=EXAMPLE_SOURCES))
+    sourced_archived = Topology.from_settings(
+        Settings(sources=EXAMPLE_SOURCES, archive_max_age=EXAMPLE_ARCHIVE_MAX_AGE)
+    )
+    sources_setting = f"{code(env_name('sources'))}={code(EXAMPLE_SOURCES)}"
     messages = _messages(topology)
     archive_setting = env_name("archive_max_age")
     return page(
@@ -233,4 +255,14 @@ def render() -> str:
         _topology_table(topology),
         f"With the archive on (here {code(archive_setting)}={code(EXAMPLE_ARCHIVE_MAX_AGE)}):",
         _topology_table(archived),
+        f"With sources (here {sources_setting}), each source's topic exchange is fed by a "
+        "headers exchange on `x-webhook-source`, which the main exchange feeds with `#`: every "
+        "event then has a route, its alternate exchange never fires, and an event no queue "
+        "received anywhere comes back to the bridge (it is published `mandatory`), which "
+        "stores it in the unrouted queue. See the guide to several OpenAI projects.",
+        _topology_table(sourced),
+        "With sources and the archive on, the ingress exchange feeds the headers exchange "
+        "instead, and the main exchange keeps its alternate exchange: the unrouted queue then "
+        "holds what no queue bound to the main exchange received.",
+        _topology_table(sourced_archived),
     )
