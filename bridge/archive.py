@@ -31,8 +31,10 @@ from pydantic import ValidationError
 from bridge.consumer import (
     Delivery,
     PatternReader,
+    VerifySecrets,
     close_deliveries,
     connect_to_a_node,
+    message_source,
     signature_problem,
     stored_message_verifier,
 )
@@ -247,7 +249,8 @@ class ArchiveFollower(PatternReader):
         patterns: Sequence[str],
         since: datetime,
         until: datetime | None = None,
-        verify_secrets: Sequence[str] = (),
+        verify_secrets: VerifySecrets = (),
+        source: str | None = None,
         ca_file: str | Path | None = None,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
@@ -258,6 +261,7 @@ class ArchiveFollower(PatternReader):
         self._since = since
         self._until = until
         self._verifier = stored_message_verifier(verify_secrets)
+        self._source = source
         self._timeout = timeout
         self._clock = clock
         self._connection: AbstractConnection | None = None
@@ -329,6 +333,8 @@ class ArchiveFollower(PatternReader):
         if QUARANTINE_REASON_HEADER in message.headers:
             return None
         if not any_topic_matches(self._patterns, message.routing_key or ""):
+            return None
+        if self._source is not None and message_source(message) != self._source:
             return None
         moment = message.timestamp
         if moment is None or moment < self._since:

@@ -93,7 +93,7 @@ class SourceMetrics:
         self.labels = labels
         self._outcome_tallies = {
             outcome: _Tally(metrics.requests.labels(outcome=outcome.value, **labels))
-            for outcome in RequestOutcome
+            for outcome in metrics.outcomes
         }
         self._secret_tallies: list[_Tally] = []
         self.secret_count_changed(secret_count)
@@ -127,6 +127,12 @@ class Metrics:
 
     def __init__(self, secret_count: int, sources: Sequence[str] = ()) -> None:
         by_source = [SOURCE_LABEL] if sources else []
+        self.outcomes = tuple(
+            outcome
+            for outcome in RequestOutcome
+            if sources or outcome is not RequestOutcome.UNKNOWN_SOURCE
+        )
+        """The outcomes a request can have: without sources, none is for an unknown one."""
         shared_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
         self.registry = CollectorRegistry(auto_describe=True)
         if shared_dir is not None:
@@ -224,6 +230,7 @@ class Metrics:
         self._suppressed_tallies = {
             outcome: _Tally(self.log_lines_suppressed.labels(outcome=outcome.value))
             for outcome in REJECTED_OUTCOMES
+            if outcome in self.outcomes
         }
         self._dedup_tallies = {
             result: _Tally(self.dedup_results.labels(result=result.value)) for result in DedupResult

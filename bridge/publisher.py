@@ -39,7 +39,7 @@ from bridge.frames import APP_ID, HeaderValue, MessageProperties, encode_publish
 from bridge.limiter import AdaptiveLimit
 from bridge.settings import QueueType, Settings, redact_url
 from bridge.signature import WebhookHeaders
-from bridge.sources import SOURCE_HEADER
+from bridge.sources import SOURCE_HEADER, source_exchange_name
 from bridge.tracing import TraceContext, new_trace
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Topology:
 
     def source_exchange(self, source: str) -> str:
         """The topic exchange of one source's events, by event type."""
-        return f"{self.exchange}.source.{source}"
+        return source_exchange_name(self.exchange, source)
 
     @property
     def sources_exchange(self) -> str:

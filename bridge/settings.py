@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -379,6 +379,34 @@ class Settings(BaseSettings):
         except SourceError as error:
             raise SettingsError(str(error)) from None
         return self
+
+    def source_named(self, name: str) -> SourceSecrets:
+        """The source ``--source NAME`` names; raises SettingsError for none."""
+        for source in self.source_secrets:
+            if source.name == name:
+                return source
+        configured = ", ".join(self.sources) or "none: BRIDGE_SOURCES is not set"
+        raise SettingsError(f"--source {name}: no such source (configured: {configured})")
+
+    def verification_secrets(
+        self, extra: Sequence[str] = (), *, source: str | None = None
+    ) -> list[str] | dict[str, list[str]]:
+        """The secrets to re-check stored messages with: the single list, or each source's
+        (``extra``, retired secrets, only for ``source``: never for a source they are not
+        known to belong to)."""
+        if not self.sources:
+            return [*self.webhook_secret.get_secret_value().split(","), *extra]
+        if extra and source is None:
+            raise SettingsError("with BRIDGE_SOURCES, extra secrets need --source NAME")
+        if source is not None:
+            self.source_named(source)
+        return {
+            each.name: [
+                *each.secret.get_secret_value().split(","),
+                *(extra if each.name == source else ()),
+            ]
+            for each in self.source_secrets
+        }
 
     @property
     def archive_enabled(self) -> bool:

@@ -31,6 +31,7 @@ SOURCE_HEADER = "x-webhook-source"
 SOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SOURCE_NAME_RULE = "lowercase letters, digits and '-', starting with a letter or digit, at most 63"
 API_KEY_FILE_NAME = "OPENAI_API_KEY"
+MAX_API_KEY_FILE_BYTES = 4096
 
 
 class SourceError(Exception):
@@ -48,6 +49,17 @@ def parse_source_names(text: str) -> tuple[str, ...]:
     if repeated:
         raise ValueError(f"source {repeated[0]!r} is named twice")
     return tuple(names)
+
+
+def source_exchange_name(exchange: str, source: str) -> str:
+    """The topic exchange of one source's events (``BRIDGE_EXCHANGE`` = ``exchange``)."""
+    return f"{exchange}.source.{source}"
+
+
+def check_source_name(name: str) -> str:
+    if SOURCE_NAME.fullmatch(name) is None:
+        raise ValueError(f"{name!r} is not a source name ({SOURCE_NAME_RULE} characters)")
+    return name
 
 
 def variable_suffix(name: str) -> str:
@@ -104,6 +116,30 @@ def shared_secret(
             if other != name:
                 return other, name
     return None
+
+
+def source_api_key(name: str, secrets_dir: Path, environment: Mapping[str, str]) -> str:
+    """The OpenAI API key of one source's project: ``OPENAI_API_KEY_<NAME>``, else the file
+    ``<secrets_dir>/<name>/OPENAI_API_KEY``; raises :class:`SourceError` without one."""
+    variable = api_key_variable(name)
+    given = environment.get(variable, "").strip()
+    if given:
+        return given
+    path = source_directory(secrets_dir, name) / API_KEY_FILE_NAME
+    text = ""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(MAX_API_KEY_FILE_BYTES).strip()
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError) as error:
+        raise SourceError(f"cannot read {path}: {type(error).__name__}") from None
+    if text:
+        return text
+    raise SourceError(
+        f"source {name!r} has no OpenAI API key: set {variable}, or write its project's key to "
+        f"{path}"
+    )
 
 
 def _load_one(name: str, secrets_dir: Path, environment: Mapping[str, str]) -> SourceSecrets:

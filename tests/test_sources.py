@@ -4,6 +4,7 @@ exchange of its own next to the shared one, and the unrouted guarantee across bo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
@@ -33,6 +35,8 @@ from tests.conftest import (
     post_webhook,
     unique_name,
 )
+from tests.test_endpoints import Outcome as EndpointsOutcome
+from tests.test_endpoints import RunningStandIn, endpoints, standin  # noqa: F401  # fixtures
 from tests.test_integration import wait_until_ready
 
 SOURCES = ("prod", "staging", "team-b")
@@ -468,3 +472,159 @@ async def test_a_refused_reload_of_one_source_leaves_every_source_as_it_was(
     assert "source 'prod' holds one of its secrets" in log
     assert projects.signers["prod"].secret.removeprefix("whsec_") not in log
     first.stop()
+
+
+# --- The commands: endpoints, trigger, consume, replay --------------------------------------
+
+
+def test_endpoints_rotates_with_the_sources_key_into_its_directory(
+    endpoints: Callable[..., EndpointsOutcome],  # noqa: F811  # the fixture
+    standin: RunningStandIn,  # noqa: F811  # the fixture
+    projects: Projects,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-another-project")  # not the one to use
+    monkeypatch.setenv("BRIDGE_SECRETS_DIR", str(projects.secrets_dir))
+    (projects.secrets_dir / "staging" / "OPENAI_API_KEY").write_text(standin.state.api_key + "\n")
+    endpoint_id = standin.state.add_endpoint()
+    current = projects.signers["staging"].secret
+    prod_before = projects.secret_file("prod").read_text()
+
+    outcome = endpoints("--source", "staging", "rotate-secret", endpoint_id, "--keep-old")
+    assert outcome.code == 0, outcome.err
+    new = standin.state.endpoints[endpoint_id].secret
+    assert projects.secret_file("staging").read_text().strip().split(",") == [new, current]
+    assert projects.secret_file("prod").read_text() == prod_before
+    assert standin.state.requests[-1][2]["Authorization"] == f"Bearer {standin.state.api_key}"
+    assert new.removeprefix("whsec_")[:16] not in outcome.out + outcome.err
+
+    monkeypatch.setenv("OPENAI_API_KEY_TEAM_B", standin.state.api_key)
+    listed = endpoints("--source", "team-b", "list")
+    assert listed.code == 0, listed.err
+    missing = endpoints("--source", "prod", "list")
+    assert missing.code == 2
+    assert "source 'prod' has no OpenAI API key: set OPENAI_API_KEY_PROD" in missing.err
+
+
+def run_command(projects: Projects, exchange: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", *args],
+        env=command_environment(projects, exchange),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def command_environment(projects: Projects, exchange: str) -> dict[str, str]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BRIDGE_")}
+    environment.update(
+        BRIDGE_SOURCES=",".join(SOURCES),
+        BRIDGE_SECRETS_DIR=str(projects.secrets_dir),
+        BRIDGE_AMQP_URL=AMQP_URL,
+        BRIDGE_EXCHANGE=exchange,
+    )
+    return environment
+
+
+@pytest.mark.broker
+async def test_trigger_and_consume_by_source_with_per_source_verification(
+    start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
+) -> None:
+    exchange = unique_name("test.webhooks")
+    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
+    forget_source_topology(broker, topology)
+    bridge = start_sourced_bridge(start_bridge, projects, exchange)
+    await bridge.wait_ready()
+    consumer = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bridge", "consume", "batch.*", "--source", "staging"),
+        *("--verify", "--json", "--count", "1"),
+        env=command_environment(projects, exchange),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert consumer.stderr is not None
+        started = (await asyncio.wait_for(consumer.stderr.readline(), 30)).decode()
+        assert f"bound to {topology.source_exchange('staging')}" in started
+        # Forged: labelled staging, signed with prod's secret, put straight on staging's
+        # exchange. The consumer verifies with staging's secrets and drops it.
+        body = sample_body("batch.failed")
+        forged = projects.signers["prod"].headers(body)
+        channel = broker.channel
+        source_exchange = await channel.get_exchange(topology.source_exchange("staging"))
+        await source_exchange.publish(
+            aio_pika.Message(
+                body,
+                headers={**forged, SOURCE_HEADER: "staging"},
+                message_id=forged["webhook-id"],
+            ),
+            routing_key="batch.failed",
+        )
+        for source in ("prod", "staging"):
+            url = f"http://127.0.0.1:{bridge.port}{WEBHOOK_PATH}"
+            sent = await asyncio.to_thread(
+                run_command,
+                *(projects, exchange, "trigger", "batch.completed"),
+                *("--source", source, "--url", url),
+            )
+            assert sent.returncode == 0, sent.stderr
+            assert "200" in sent.stdout
+        out, err = await asyncio.wait_for(consumer.communicate(), 30)
+    finally:
+        if consumer.returncode is None:
+            consumer.kill()
+            await consumer.wait()
+    assert consumer.returncode == 0, err
+    (line,) = out.decode().splitlines()
+    assert json.loads(line)["type"] == "batch.completed"
+    assert b"signature" in err  # the forgery was logged, not printed
+
+
+@pytest.mark.broker
+async def test_replay_by_source_and_refusals_of_the_commands(
+    sourced: tuple[Client, Settings, Topology], broker: Broker, projects: Projects
+) -> None:
+    client, settings, topology = sourced
+    ids = {}
+    for source in ("prod", "staging"):
+        body = sample_body("batch.completed")
+        headers = projects.signers[source].headers(body)
+        ids[source] = headers["webhook-id"]
+        response = await client.post(f"{WEBHOOK_PATH}/{source}", data=body, headers=headers)
+        assert (await response.json())["outcome"] == "unrouted"
+    target = await broker.bind_queue(unique_name("test.unused"))
+    replayed = await asyncio.to_thread(
+        run_command,
+        projects,
+        settings.exchange,
+        "replay",
+        "--from",
+        "unrouted",
+        "--source",
+        "staging",
+        "--to-queue",
+        target,
+        "--json",
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    summary = json.loads(replayed.stdout)
+    assert summary["replayed"] == 1
+    [message] = await broker.drain(target)
+    assert message.message_id == ids["staging"]
+    assert message.headers[SOURCE_HEADER] == "staging"
+    # prod's event stays where it was.
+    [left] = await broker.drain(topology.unrouted_exchange)
+    assert left.message_id == ids["prod"]
+
+    unknown = await asyncio.to_thread(
+        run_command, projects, settings.exchange, "trigger", "batch.completed", "--source", "qa"
+    )
+    assert unknown.returncode != 0
+    assert "--source qa: no such source" in unknown.stderr
+    sourceless = await asyncio.to_thread(
+        run_command, projects, settings.exchange, "trigger", "batch.completed"
+    )
+    assert sourceless.returncode == 2
+    assert "give --source NAME" in sourceless.stderr

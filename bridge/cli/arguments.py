@@ -113,6 +113,11 @@ def webhook_secret_override(args: argparse.Namespace) -> dict[str, Any]:
     return {} if given is None else {"webhook_secret": secrets_in_file(given)}
 
 
+def add_source_flag(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--source NAME``: one of BRIDGE_SOURCES."""
+    parser.add_argument("--source", dest="webhook_source", metavar="NAME", help=help)
+
+
 def examples(*lines: str) -> str:
     """An ``epilog`` of example command lines."""
     return _EXAMPLES + "\n".join(f"  {line}" for line in lines)

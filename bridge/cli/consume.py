@@ -15,6 +15,7 @@ from bridge.archive import ArchiveFollower, ArchiveNotFoundError
 from bridge.cli.arguments import (
     Commands,
     add_broker_flags,
+    add_source_flag,
     add_webhook_secret_file_flag,
     broker_overrides,
     examples,
@@ -27,6 +28,7 @@ from bridge.consumer import (
     Delivery,
     EventConsumer,
     ExchangeNotFoundError,
+    VerifySecrets,
     WebhookEvent,
 )
 from bridge.events import KNOWN_EVENT_TYPES
@@ -34,6 +36,7 @@ from bridge.logs import configure_logging
 from bridge.replay import parse_when
 from bridge.server import run
 from bridge.settings import env_name, load_settings
+from bridge.sources import check_source_name, source_exchange_name
 
 
 def add_parser(commands: Commands) -> None:
@@ -48,6 +51,7 @@ def add_parser(commands: Commands) -> None:
             "BRIDGE_SECRETS_DIR=.secrets webhook-bridge consume 'batch.*' --verify --count 1",
             "webhook-bridge consume '#.failed' | jq -r '.type + \" \" + .data.id'",
             "webhook-bridge consume 'response.*' --since 2h",
+            "webhook-bridge consume 'batch.*' --source prod",
         ),
     )
     consume_parser.add_argument(
@@ -82,6 +86,11 @@ def add_parser(commands: Commands) -> None:
         metavar="WHEN",
         help="with --since: only events up to WHEN; exit once the clock passes it",
     )
+    add_source_flag(
+        consume_parser,
+        "only this source's events (BRIDGE_SOURCES): live from its exchange "
+        "<exchange>.source.NAME, from the archive by the x-webhook-source header",
+    )
     secret_variable = env_name("webhook_secret")
     add_webhook_secret_file_flag(
         consume_parser, f"with --verify: check against these instead of {secret_variable}"
@@ -94,10 +103,17 @@ def _consume_command(args: argparse.Namespace) -> int:
     overrides = broker_overrides(args)
     broker = ConsumerSettings.load(**overrides)
     configure_logging(broker.log_level, broker.log_format)
-    verify_secrets: list[str] = []
+    source: str | None = args.webhook_source
+    if source is not None:
+        try:
+            check_source_name(source)
+        except ValueError as error:
+            print(f"webhook-bridge: consume: --source: {error}", file=sys.stderr)
+            return 2
+    verify_secrets: VerifySecrets = []
     if args.verify:
         settings = load_settings(**overrides, **webhook_secret_override(args))
-        verify_secrets = settings.webhook_secret.get_secret_value().split(",")
+        verify_secrets = settings.verification_secrets(source=source)
     consumer: EventConsumer | ArchiveFollower
     if args.since is not None:
         if args.queue is not None:
@@ -120,6 +136,7 @@ def _consume_command(args: argparse.Namespace) -> int:
             since=since,
             until=until,
             verify_secrets=verify_secrets,
+            source=source,
             ca_file=broker.amqp_ca_file,
         )
     elif args.until is not None:
@@ -128,7 +145,9 @@ def _consume_command(args: argparse.Namespace) -> int:
     else:
         consumer = EventConsumer(
             broker.amqp_url.get_secret_value(),
-            exchange=broker.exchange,
+            exchange=broker.exchange
+            if source is None
+            else source_exchange_name(broker.exchange, source),
             patterns=args.patterns,
             queue=args.queue,
             verify_secrets=verify_secrets,

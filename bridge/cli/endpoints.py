@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bridge.cli.arguments import Commands, examples, positive_float
+from bridge.cli.arguments import Commands, add_source_flag, examples, positive_float
 from bridge.endpoints import (
     DEFAULT_TIMEOUT,
     SUBSCRIBABLE_EVENT_TYPES,
@@ -31,7 +31,8 @@ from bridge.secrets import (
     SecretNotWritten,
 )
 from bridge.server import run
-from bridge.settings import SECRETS_DIR_VARIABLE
+from bridge.settings import SECRETS_DIR_VARIABLE, default_secrets_dir
+from bridge.sources import SourceError, check_source_name, source_api_key, source_directory
 
 
 def add_parser(commands: Commands) -> None:
@@ -50,6 +51,8 @@ def add_parser(commands: Commands) -> None:
             "webhook-bridge endpoints test we_123 --type batch.completed",
             "BRIDGE_SECRETS_DIR=.secrets webhook-bridge endpoints rotate-secret we_123 --keep-old",
             "webhook-bridge endpoints --timeout 10 delete we_123 --yes",
+            "BRIDGE_SECRETS_DIR=.secrets webhook-bridge endpoints --source staging "
+            "rotate-secret we_456 --keep-old",
         ),
     )
     parser.add_argument(
@@ -58,6 +61,12 @@ def add_parser(commands: Commands) -> None:
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="deadline of each API call",
+    )
+    add_source_flag(
+        parser,
+        "manage this source's project (BRIDGE_SOURCES): its API key from OPENAI_API_KEY_<NAME> "
+        f"or {SECRETS_DIR_VARIABLE}/NAME/OPENAI_API_KEY, its signing secret written to "
+        f"{SECRETS_DIR_VARIABLE}/NAME/{SECRET_FILE_NAME}",
     )
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     list_parser = actions.add_parser(
@@ -158,9 +167,9 @@ EndpointsAction = Callable[[EndpointsClient, argparse.Namespace], Awaitable[int]
 def _endpoints_command(args: argparse.Namespace) -> int:
     action: EndpointsAction = args.act
     try:
-        config = ApiConfig.from_environment(os.environ, timeout=args.timeout)
+        config = ApiConfig.from_environment(_api_environment(args), timeout=args.timeout)
         return run(_with_client(config, action, args))
-    except (EndpointsConfigError, SecretDestinationError) as error:
+    except (EndpointsConfigError, SecretDestinationError, SourceError) as error:
         print(f"webhook-bridge: endpoints {args.action}: {error}", file=sys.stderr)
         return 1 if isinstance(error, SecretNotWritten) else 2
     except OpenAIApiError as error:
@@ -201,8 +210,29 @@ async def _list_endpoints(client: EndpointsClient, args: argparse.Namespace) -> 
     return 0
 
 
+def _api_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the API client reads, with ``--source``'s project's key in it."""
+    environment = dict(os.environ)
+    if args.webhook_source is not None:
+        environment["OPENAI_API_KEY"] = source_api_key(
+            _check_source(args.webhook_source), default_secrets_dir(), os.environ
+        )
+    return environment
+
+
+def _check_source(name: str) -> str:
+    try:
+        return check_source_name(name)
+    except ValueError as error:
+        raise SourceError(f"--source: {error}") from None
+
+
 def _secret_destination(args: argparse.Namespace) -> SecretDestination:
-    return SecretDestination.choose(args.secret_file, os.environ.get(SECRETS_DIR_VARIABLE))
+    secrets_dir = os.environ.get(SECRETS_DIR_VARIABLE)
+    if args.webhook_source is not None and secrets_dir:
+        # Where the running bridge reads (and reloads) that source's secrets.
+        secrets_dir = str(source_directory(Path(secrets_dir), args.webhook_source))
+    return SecretDestination.choose(args.secret_file, secrets_dir)
 
 
 async def _create_endpoint(client: EndpointsClient, args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from bridge.cli.arguments import (
     Commands,
     add_broker_flags,
+    add_source_flag,
     add_webhook_secret_file_flag,
     broker_overrides,
     examples,
@@ -69,6 +70,7 @@ def add_parser(commands: Commands) -> None:
         help="only messages timestamped from WHEN (10m, 2h, 7d or an ISO 8601 time)",
     )
     parser.add_argument("--until", metavar="WHEN", help="only messages timestamped up to WHEN")
+    add_source_flag(parser, "only messages of this source (the x-webhook-source header)")
     parser.add_argument(
         "--limit", type=positive_int, metavar="N", help="stop after N messages replayed"
     )
@@ -112,6 +114,7 @@ def _replay_command(args: argparse.Namespace) -> int:
                 types=tuple(args.types),
                 since=None if args.since is None else parse_when(args.since, now),
                 until=None if args.until is None else parse_when(args.until, now),
+                source=args.webhook_source,
             ),
             target=Target(queue=args.to_queue, exchange=args.to_exchange),
             limit=args.limit,

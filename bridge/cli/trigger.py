@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from bridge.cli.arguments import (
     Commands,
+    add_source_flag,
     add_webhook_secret_file_flag,
     examples,
     key_value,
@@ -31,6 +32,7 @@ def add_parser(commands: Commands) -> None:
             "BRIDGE_SECRETS_DIR=.secrets webhook-bridge trigger --all",
             "webhook-bridge trigger batch.failed --data data.id=batch_123",
             "webhook-bridge trigger response.completed --url https://bridge.example/webhooks/openai",
+            "webhook-bridge trigger batch.completed --source staging",
         ),
     )
     trigger_parser.add_argument(
@@ -47,7 +49,15 @@ def add_parser(commands: Commands) -> None:
         metavar="KEY=VALUE",
         help="set a field of every event, by dotted path (data.id=batch_1); repeatable",
     )
-    trigger_parser.add_argument("--url", default=DEFAULT_URL, help="the bridge's webhook URL")
+    trigger_parser.add_argument(
+        "--url",
+        default=DEFAULT_URL,
+        help="the bridge's webhook URL (with --source, its path /NAME is added)",
+    )
+    add_source_flag(
+        trigger_parser,
+        "sign with this source's first secret (BRIDGE_SOURCES) and post to its path",
+    )
     add_webhook_secret_file_flag(
         trigger_parser, f"sign with the first of these instead of {env_name('webhook_secret')}"
     )
@@ -59,14 +69,23 @@ def _trigger_command(args: argparse.Namespace) -> int:
     if args.all == bool(args.event_types):
         print("webhook-bridge: trigger: give event types or --all", file=sys.stderr)
         return 2
-    key = load_settings(**webhook_secret_override(args)).signing_keys[0]
+    settings = load_settings(**webhook_secret_override(args))
+    url: str = args.url
+    if args.webhook_source is not None:
+        key = settings.source_named(args.webhook_source).keys[0]
+        url = f"{url.rstrip('/')}/{args.webhook_source}"
+    elif settings.sources:
+        print("webhook-bridge: trigger: BRIDGE_SOURCES is set: give --source NAME", file=sys.stderr)
+        return 2
+    else:
+        key = settings.signing_keys[0]
     event_types = sorted(KNOWN_EVENT_TYPES) if args.all else args.event_types
     try:
         webhooks = sign_samples(event_types, key, overrides=dict(args.data))
     except ValueError as error:
         print(f"webhook-bridge: trigger: {error}", file=sys.stderr)
         return 2
-    return run(trigger(args.url, webhooks, json_lines=args.json))
+    return run(trigger(url, webhooks, json_lines=args.json))
 
 
 async def trigger(url: str, webhooks: Sequence[SignedWebhook], *, json_lines: bool) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeAlias
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -20,6 +20,7 @@ from bridge.signature import (
     WebhookVerificationError,
     decode_secret,
 )
+from bridge.sources import SOURCE_HEADER
 from bridge.tracing import TraceContext, message_context
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,13 @@ class Delivery:
     def message_id(self) -> str | None:
         """The ``webhook-id``: the same for every copy of one webhook."""
         return self.message.message_id
+
+    @property
+    def source(self) -> str | None:
+        """The source (OpenAI project) the webhook came from, when the bridge serves several
+        (``BRIDGE_SOURCES``); ``None`` otherwise. Not signed: a consumer verifying with
+        per-source secrets has it proved by the secret that matched."""
+        return message_source(self.message)
 
     @property
     def validated(self) -> bool:
@@ -131,16 +139,60 @@ class Delivery:
                 await self._idempotency.release(self.message_id)
 
 
-def stored_message_verifier(secrets: Sequence[str]) -> SignatureVerifier | None:
-    """A verifier for stored messages (no timestamp window), or ``None`` without secrets."""
-    if not secrets:
-        return None
+def message_source(message: AbstractIncomingMessage) -> str | None:
+    source = message.headers.get(SOURCE_HEADER)
+    return source if isinstance(source, str) else None
+
+
+VerifySecrets: TypeAlias = Sequence[str] | Mapping[str, Sequence[str]]
+"""The ``whsec_`` secrets to re-check messages with: one list, or one per source."""
+
+
+class PerSourceVerifier:
+    """Verifies each message with the secrets of the source its ``x-webhook-source`` names.
+
+    The header is not signed, but no secret belongs to two sources: a message whose
+    signature matches the named source's secrets came from that source.
+    """
+
+    def __init__(self, secrets: Mapping[str, Sequence[str]]) -> None:
+        self._verifiers = {
+            source: _verifier(listed) for source, listed in secrets.items() if listed
+        }
+
+    def problem(self, message: AbstractIncomingMessage) -> str | None:
+        source = message_source(message)
+        if source is None:
+            return f"no {SOURCE_HEADER} header to choose the secrets by"
+        verifier = self._verifiers.get(source)
+        if verifier is None:
+            return f"no secrets for source {source!r}"
+        return signature_problem(verifier, message)
+
+
+def _verifier(secrets: Sequence[str]) -> SignatureVerifier:
     keys = [decode_secret(secret) for secret in secrets]
     return SignatureVerifier(keys, tolerance_seconds=_ANY_AGE)
 
 
-def signature_problem(verifier: SignatureVerifier, message: AbstractIncomingMessage) -> str | None:
+def stored_message_verifier(
+    secrets: VerifySecrets,
+) -> SignatureVerifier | PerSourceVerifier | None:
+    """A verifier for stored messages (no timestamp window), or ``None`` without secrets;
+    secrets by source name give a :class:`PerSourceVerifier`."""
+    if not secrets:
+        return None
+    if isinstance(secrets, Mapping):
+        return PerSourceVerifier(secrets)
+    return _verifier(secrets)
+
+
+def signature_problem(
+    verifier: SignatureVerifier | PerSourceVerifier, message: AbstractIncomingMessage
+) -> str | None:
     """Why the message is not what OpenAI signed, or ``None`` when it is."""
+    if isinstance(verifier, PerSourceVerifier):
+        return verifier.problem(message)
     text_headers = {
         name: value for name, value in message.headers.items() if isinstance(value, str)
     }

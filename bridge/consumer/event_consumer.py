@@ -34,6 +34,7 @@ from bridge.consumer.broker import (
 from bridge.consumer.delivery import (
     Delivery,
     Handler,
+    VerifySecrets,
     signature_problem,
     stored_message_verifier,
 )
@@ -74,7 +75,8 @@ class EventConsumer(PatternReader):
     in production, with ``delivery_limit`` deliveries of a message before the broker
     dead-letters it. ``dead_letter_exchange`` is declared (durable fanout, with a
     durable queue of the same name) and receives every rejected message.
-    ``verify_secrets`` (the ``whsec_`` secrets OpenAI signs with) re-checks each
+    ``verify_secrets`` (the ``whsec_`` secrets OpenAI signs with, or with sources a mapping
+    of each source's: see :class:`PerSourceVerifier`) re-checks each
     message's original signature, so events published by anyone else are refused;
     so are messages whose routing key is not their body's type, and with ``max_age``
     messages signed longer ago than that. ``idempotency`` skips a ``message_id``
@@ -95,7 +97,7 @@ class EventConsumer(PatternReader):
         quorum: bool = False,
         dead_letter_exchange: str | None = None,
         delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
-        verify_secrets: Sequence[str] = (),
+        verify_secrets: VerifySecrets = (),
         max_age: float | timedelta | None = None,
         idempotency: IdempotencyStore | None = None,
         busy_retry_seconds: float = 1.0,

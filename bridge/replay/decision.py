@@ -9,7 +9,6 @@ again with the current models, and the routing policy picks the routing key.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -17,7 +16,13 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, HeadersType
 
 from bridge.archive import STREAM_OFFSET_HEADER
-from bridge.consumer import signature_problem, stored_message_verifier
+from bridge.consumer import (
+    PerSourceVerifier,
+    VerifySecrets,
+    message_source,
+    signature_problem,
+    stored_message_verifier,
+)
 from bridge.events import classify
 from bridge.publisher import QUARANTINE_REASON_HEADER, VALIDATED_HEADER, Topology, route
 from bridge.signature import InvalidSecretError, SignatureVerifier, WebhookHeaders
@@ -49,11 +54,16 @@ class Result(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """``--type`` patterns and the ``--since``/``--until`` window on the message timestamp."""
+    """``--type`` patterns, the ``--since``/``--until`` window on the message timestamp, and
+    ``--source``: the ``x-webhook-source`` header."""
 
     types: tuple[str, ...] = ()
     since: datetime | None = None
     until: datetime | None = None
+    source: str | None = None
+
+    def admits_source(self, message: AbstractIncomingMessage) -> bool:
+        return self.source is None or message_source(message) == self.source
 
     def admits_time(self, moment: datetime | None) -> bool:
         if self.since is None and self.until is None:
@@ -102,7 +112,7 @@ class Decider:
     """Decides for each message of one source. ``keeps_malformed``: the source is where
     malformed events belong (the quarantine, or the archive that also holds them)."""
 
-    verifier: SignatureVerifier
+    verifier: SignatureVerifier | PerSourceVerifier
     topology: Topology
     filters: Filters
     target: Target
@@ -112,6 +122,8 @@ class Decider:
     def decide(self, message: AbstractIncomingMessage, replayed_at: str) -> Decision:
         if not self.filters.admits_time(message.timestamp):
             return Decision(Result.FILTERED, reason="outside --since/--until")
+        if not self.filters.admits_source(message):
+            return Decision(Result.FILTERED, reason="source not the one of --source")
         event = classify(message.body)
         if not self.filters.admits_type(event.event_type):
             return Decision(Result.FILTERED, reason="type not matched by --type")
@@ -171,7 +183,7 @@ def _same_message(message: AbstractIncomingMessage, headers: HeadersType) -> aio
 
 def replay_decider(
     *,
-    secrets: Sequence[str],
+    secrets: VerifySecrets,
     topology: Topology,
     filters: Filters,
     target: Target,

@@ -154,10 +154,9 @@ async def replay(
         raise ReplayError("--to-queue names the source itself")
     try:
         decider = replay_decider(
-            secrets=[
-                *settings.webhook_secret.get_secret_value().split(","),
-                *options.extra_secrets,
-            ],
+            secrets=settings.verification_secrets(
+                options.extra_secrets, source=options.filters.source
+            ),
             topology=topology,
             filters=options.filters,
             target=target,
