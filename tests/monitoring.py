@@ -24,7 +24,7 @@ needs_promtool = pytest.mark.skipif(
 
 _BRIDGE_METRIC = re.compile(r"\bwebhook_bridge_[a-z0-9_]+\b")
 # Grafana's variables, as the dashboard's queries use them: every namespace and job.
-_GRAFANA_VARIABLES = {"$namespace": ".*", "$job": ".*"}
+_GRAFANA_VARIABLES = {"$namespace": ".*", "$job": ".*", "$source": ".*"}
 
 
 def rule_groups() -> dict[str, Any]:
