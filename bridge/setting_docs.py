@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 from yarl import URL
 
-from bridge.settings import Settings, env_name, redact_url
+from bridge.settings import SHOWN_DEFAULT, Settings, env_name, redact_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +85,9 @@ def _kind(annotation: Any) -> str:
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "(required)"
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and isinstance(extra.get(SHOWN_DEFAULT), str):
+        return str(extra[SHOWN_DEFAULT])
     value = field.default
     if isinstance(value, SecretStr):
         text = value.get_secret_value()

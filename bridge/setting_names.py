@@ -13,6 +13,8 @@ from pathlib import Path
 from bridge.secrets import SECRET_FILE_NAME
 from bridge.settings import ENV_PREFIX, SECRETS_DIR_VARIABLE, Settings, SettingsError, env_name
 
+SOURCES_VARIABLE = env_name("sources")
+
 
 def valid_setting_names() -> frozenset[str]:
     return frozenset(env_name(field) for field in Settings.model_fields) | {SECRETS_DIR_VARIABLE}
@@ -31,7 +33,11 @@ def check_setting_names(environment: Mapping[str, str], secrets_dir: Path) -> No
         # Each source's variable is checked against BRIDGE_SOURCES with the sources.
         if upper.startswith(ENV_PREFIX) and upper not in valid and not is_source_secret(upper):
             raise SettingsError(_unknown(f"environment variable {name}", name, valid))
-    for name in sorted(_visible_files(secrets_dir)):
+    with_sources = (
+        any(name.upper() == SOURCES_VARIABLE for name in environment)
+        or (secrets_dir / SOURCES_VARIABLE).is_file()
+    )
+    for name in sorted(_visible_entries(secrets_dir, with_sources=with_sources)):
         if name.upper() not in valid:
             raise SettingsError(_unknown(f"file {name} in {secrets_dir}", name, valid))
 
@@ -40,8 +46,9 @@ def is_source_secret(variable: str) -> bool:
     return variable.startswith(f"{SECRET_FILE_NAME}_")
 
 
-def _visible_files(directory: Path) -> Iterable[str]:
-    """The settings files: directories hold each source's secrets, checked with the sources."""
+def _visible_entries(directory: Path, *, with_sources: bool) -> Iterable[str]:
+    """The entries naming settings: with sources, directories hold each source's secrets
+    and are checked with the sources."""
     try:
         entries = list(directory.iterdir())
     except FileNotFoundError:
@@ -51,7 +58,9 @@ def _visible_files(directory: Path) -> Iterable[str]:
             f"cannot list {directory} ({SECRETS_DIR_VARIABLE}): {error.strerror}"
         ) from None
     return [
-        entry.name for entry in entries if not entry.name.startswith(".") and not entry.is_dir()
+        entry.name
+        for entry in entries
+        if not entry.name.startswith(".") and not (with_sources and entry.is_dir())
     ]
 
 

@@ -32,6 +32,8 @@ SECRETS_DIR_VARIABLE = f"{ENV_PREFIX}SECRETS_DIR"
 DEFAULT_SECRETS_DIR = Path("/run/secrets/webhook-bridge")
 DEFAULT_EXCHANGE = "openai.webhooks"
 DEDUP_WINDOW_WITH_REDIS = 73 * 3600.0
+SHOWN_DEFAULT = "shown_default"
+"""What the reference shows as a setting's default when its own default says too little."""
 
 
 def _upper(value: Any) -> Any:
@@ -65,6 +67,7 @@ class Settings(BaseSettings):
 
     webhook_secret: Annotated[SecretStr, NoDecode] = Field(
         default=SecretStr(""),
+        json_schema_extra={SHOWN_DEFAULT: "(required)"},
         description="One or more whsec_ secrets, comma-separated; any one matching passes. "
         "Required without BRIDGE_SOURCES; with it, each source has its own "
         "(BRIDGE_WEBHOOK_SECRET_<NAME>, or the file <name>/BRIDGE_WEBHOOK_SECRET in "

@@ -177,11 +177,13 @@ def _refuse_strays(names: Sequence[str], secrets_dir: Path, environment: Mapping
                 f"environment variable {key} names no source in BRIDGE_SOURCES "
                 f"({', '.join(names) or 'none set'}): add the source or remove the variable"
             )
+    if not names:
+        return  # without sources, the directory's entries are checked as settings
     with contextlib.suppress(OSError):
         for entry in sorted(secrets_dir.iterdir()):
             if entry.is_dir() and not entry.name.startswith(".") and entry.name not in names:
                 raise SourceError(
                     f"directory {entry} names no source in BRIDGE_SOURCES "
-                    f"({', '.join(names) or 'none set'}): "
+                    f"({', '.join(names)}): "
                     "add the source or remove the directory"
                 )
