@@ -10,9 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import aio_pika
 import aiohttp
@@ -35,6 +36,7 @@ from tests.conftest import (
     post_webhook,
     unique_name,
 )
+from tests.test_deploy import ImportedDefinitions, _import_definitions, _rabbitmqctl
 from tests.test_endpoints import Outcome as EndpointsOutcome
 from tests.test_endpoints import RunningStandIn, endpoints, standin  # noqa: F401  # fixtures
 from tests.test_integration import wait_until_ready
@@ -628,3 +630,88 @@ async def test_replay_by_source_and_refusals_of_the_commands(
     )
     assert sourceless.returncode == 2
     assert "give --source NAME" in sourceless.stderr
+
+
+# --- Operator-managed topology ----------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_without_declaring_a_missing_source_exchange_keeps_the_bridge_unready(
+    start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
+) -> None:
+    exchange = unique_name("test.webhooks")
+    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
+    forget_source_topology(broker, topology)
+    for name in (topology.exchange, topology.unrouted_exchange, topology.quarantine_exchange):
+        await broker.channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+    await broker.channel.declare_exchange(
+        topology.sources_exchange, aio_pika.ExchangeType.HEADERS, durable=True
+    )
+    bridge = start_bridge(
+        exchange,
+        BRIDGE_WEBHOOK_SECRET=None,
+        BRIDGE_SOURCES=",".join(SOURCES),
+        BRIDGE_SECRETS_DIR=str(projects.secrets_dir),
+        BRIDGE_DECLARE_TOPOLOGY="false",
+    )
+    missing = f"exchange {topology.source_exchange('prod')!r} does not exist"
+    deadline = time.monotonic() + 20
+    while missing not in bridge.log_path.read_text():
+        assert time.monotonic() < deadline, bridge.log_path.read_text()
+        await asyncio.sleep(0.1)
+    assert await post_to(bridge, "prod", projects.signers["prod"]) == 503
+
+
+@pytest.fixture
+def imported() -> Iterator[ImportedDefinitions]:
+    """deploy/rabbitmq/definitions.json in a throwaway vhost (see tests/test_deploy.py)."""
+    with _import_definitions(set_passwords=True) as definitions:
+        yield definitions
+
+
+@pytest.mark.broker
+async def test_the_definitions_sources_with_the_least_privilege_user(
+    imported: ImportedDefinitions,
+    start_bridge: Callable[..., BridgeProcess],
+    tmp_path: Path,
+) -> None:
+    """The two example projects of definitions.json, archive on, the bridge only checking the
+    topology as its least-privilege user: each source reaches the main exchange's queue and
+    its own exchange, labelled, and an event no queue takes is unrouted."""
+    signers = {source: Signer() for source in ("prod", "staging")}
+    secrets_dir = tmp_path / "definitions-secrets"
+    for source, signer in signers.items():
+        (secrets_dir / source).mkdir(parents=True)
+        (secrets_dir / source / "BRIDGE_WEBHOOK_SECRET").write_text(signer.secret)
+    bridge = start_bridge(
+        exchange="openai.webhooks",
+        BRIDGE_WEBHOOK_SECRET=None,
+        BRIDGE_SOURCES="prod,staging",
+        BRIDGE_SECRETS_DIR=str(secrets_dir),
+        BRIDGE_AMQP_URL=imported.amqp_url,
+        BRIDGE_DECLARE_TOPOLOGY="false",
+        BRIDGE_ARCHIVE_MAX_AGE="7D",
+    )
+    await bridge.wait_ready()
+    vhost = imported.vhost
+    await asyncio.to_thread(_rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    inspector = await aio_pika.connect(AMQP_URL.rstrip("/") + "/" + quote(vhost, safe=""))
+    async with inspector:
+        channel = await inspector.channel()
+        staging_queue = await channel.declare_queue(exclusive=True)
+        await staging_queue.bind("openai.webhooks.source.staging", routing_key="batch.*")
+        batch, response = sample_body("batch.completed"), sample_body("response.completed")
+        assert await post_to_body(bridge, "staging", signers["staging"], batch) == 200
+        assert await post_to_body(bridge, "prod", signers["prod"], response) == 200
+        billing = await channel.get_queue("billing.batch-outcomes", ensure=False)
+        unrouted = await channel.get_queue("openai.webhooks.unrouted", ensure=False)
+        for queue, body in ((billing, batch), (staging_queue, batch), (unrouted, response)):
+            message = await queue.get(no_ack=True, timeout=10)
+            assert message.body == body
+            expected = "staging" if body is batch else "prod"
+            assert message.headers[SOURCE_HEADER] == expected
+        assert await billing.get(no_ack=True, fail=False) is None
+
+
+async def post_to_body(bridge: BridgeProcess, source: str, signer: Signer, body: bytes) -> int:
+    return await post_webhook(f"{bridge.url}/{source}", body, signer.headers(body))
