@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -21,6 +22,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.app import WEBHOOK_PATH, create_app
+from bridge.archive import ArchiveFollower
 from bridge.publisher import Topology
 from bridge.samples import sample_body
 from bridge.settings import Settings, SettingsError, load_settings
@@ -715,3 +717,33 @@ async def test_the_definitions_sources_with_the_least_privilege_user(
 
 async def post_to_body(bridge: BridgeProcess, source: str, signer: Signer, body: bytes) -> int:
     return await post_webhook(f"{bridge.url}/{source}", body, signer.headers(body))
+
+
+@pytest.mark.broker
+async def test_the_archive_read_by_source_with_each_sources_secrets(
+    aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
+) -> None:
+    settings = source_settings(projects, archive_max_bytes=10_000_000)
+    topology = Topology.from_settings(settings)
+    forget_source_topology(broker, topology)
+    client = await aiohttp_client(create_app(settings))
+    await wait_until_ready(client)
+    bodies = {}
+    for source in ("prod", "staging", "team-b"):
+        bodies[source] = sample_body("batch.completed")
+        status = await post(
+            client, f"{WEBHOOK_PATH}/{source}", projects.signers[source], bodies[source]
+        )
+        assert status == 200
+    follower = ArchiveFollower(
+        AMQP_URL,
+        exchange=settings.exchange,
+        patterns=["batch.*"],
+        since=datetime.now(UTC) - timedelta(minutes=1),
+        until=datetime.now(UTC) + timedelta(seconds=1),
+        verify_secrets={name: [signer.secret] for name, signer in projects.signers.items()},
+        source="staging",
+    )
+    async with asyncio.timeout(30), follower:
+        read = [(delivery.source, delivery.body) async for delivery in follower]
+    assert read == [("staging", bodies["staging"])]
