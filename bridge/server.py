@@ -42,7 +42,7 @@ from bridge.app import (
 )
 from bridge.logs import configure_logging
 from bridge.metrics import MULTIPROCESS_DIR_VARIABLE, SourceMetrics
-from bridge.secrets import SecretReloader, SecretSource
+from bridge.secrets import SECRET_FILE_NAME, SecretReloader, SecretSource
 from bridge.settings import Settings
 from bridge.signature import SignatureVerifier
 from bridge.sources import shared_secret
@@ -275,7 +275,9 @@ def _reload_source_secrets(app: web.Application, settings: Settings) -> None:
 
     def on_sighup() -> None:
         for source in fixed:
-            _secrets_cannot_change(source.origin)
+            _secrets_cannot_change(
+                source.origin, f"the file {source.name}/{SECRET_FILE_NAME} of BRIDGE_SECRETS_DIR"
+            )
         for reloader in reloaders:
             reloader.request()
 
@@ -286,12 +288,14 @@ def _reload_source_secrets(app: web.Application, settings: Settings) -> None:
         )
 
 
-def _secrets_cannot_change(source: SecretSource) -> None:
+def _secrets_cannot_change(
+    source: SecretSource, file: str = f"the {SECRET_FILE_NAME} file of BRIDGE_SECRETS_DIR"
+) -> None:
     logger.warning(
         "SIGHUP received: the webhook secrets come from %s and cannot change while the "
-        "bridge runs; put them in the BRIDGE_WEBHOOK_SECRET file of BRIDGE_SECRETS_DIR "
-        "to reload them, or restart",
+        "bridge runs; put them in %s to reload them, or restart",
         source.description,
+        file,
     )
 
 

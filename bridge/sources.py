@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -85,7 +85,7 @@ class SourceSecrets:
     name: str
     secret: SecretStr
     origin: SecretSource
-    keys: tuple[bytes, ...]
+    keys: tuple[bytes, ...] = field(repr=False)
 
 
 def load_source_secrets(

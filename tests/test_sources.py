@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from urllib.parse import quote
 import aio_pika
 import aiohttp
 import pytest
+import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.app import WEBHOOK_PATH, create_app
@@ -26,7 +28,7 @@ from bridge.archive import ArchiveFollower
 from bridge.publisher import Topology
 from bridge.samples import sample_body
 from bridge.settings import Settings, SettingsError, load_settings
-from bridge.sources import SOURCE_HEADER
+from bridge.sources import SOURCE_HEADER, parse_source_names, source_exchange_name
 from tests.conftest import (
     AMQP_URL,
     AiohttpClient,
@@ -38,7 +40,15 @@ from tests.conftest import (
     post_webhook,
     unique_name,
 )
-from tests.test_deploy import ImportedDefinitions, _import_definitions, _rabbitmqctl
+from tests.test_deploy import (
+    DEFINITIONS,
+    DEPLOY,
+    ImportedDefinitions,
+    _compose,
+    _import_definitions,
+    _load_all,
+    _rabbitmqctl,
+)
 from tests.test_endpoints import Outcome as EndpointsOutcome
 from tests.test_endpoints import RunningStandIn, endpoints, standin  # noqa: F401  # fixtures
 from tests.test_integration import wait_until_ready
@@ -747,3 +757,47 @@ async def test_the_archive_read_by_source_with_each_sources_secrets(
     async with asyncio.timeout(30), follower:
         read = [(delivery.source, delivery.body) async for delivery in follower]
     assert read == [("staging", bodies["staging"])]
+
+
+# --- Deployment -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_the_kubernetes_component_mounts_each_source_in_its_directory(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(DEPLOY, overlay)],
+                "components": [os.path.relpath(DEPLOY / "sources", overlay)],
+            }
+        )
+    )
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered)}
+    sources = parse_source_names(documents["ConfigMap"]["data"]["BRIDGE_SOURCES"])
+    assert sources == ("prod", "staging")
+    (volume,) = [
+        volume
+        for volume in documents["Deployment"]["spec"]["template"]["spec"]["volumes"]
+        if volume["name"] == "secrets"
+    ]
+    items = {item["key"]: item["path"] for item in volume["secret"]["items"]}
+    assert items == {
+        "BRIDGE_AMQP_URL": "BRIDGE_AMQP_URL",
+        **{f"{name}.BRIDGE_WEBHOOK_SECRET": f"{name}/BRIDGE_WEBHOOK_SECRET" for name in sources},
+    }
+    assert volume["secret"]["defaultMode"] & 0o007 == 0
+    (example,) = _load_all(DEPLOY / "sources" / "secret.example.yaml")
+    assert set(items) <= set(example["stringData"])
+    # The broker definitions and the compose demo serve the same two projects.
+    exchanges = {exchange["name"] for exchange in json.loads(DEFINITIONS.read_text())["exchanges"]}
+    assert {source_exchange_name("openai.webhooks", name) for name in sources} <= exchanges
+    compose = _compose()["services"]["bridge"]["environment"]
+    assert parse_source_names(compose["BRIDGE_SOURCES"]) == sources
