@@ -589,6 +589,12 @@ class AmqpPublisher:
             self._topology.quarantine_exchange,
             "off" if self._topology.archive is None else self._topology.archive_stream,
         )
+        if self._topology.sources:
+            logger.info(
+                "sources %s: exchanges %s",
+                ", ".join(self._topology.sources),
+                ", ".join(map(self._topology.source_exchange, self._topology.sources)),
+            )
 
     async def _on_new_channel(
         self, step: Callable[[AbstractChannel, Topology], Awaitable[None]]

@@ -407,6 +407,7 @@ async def test_a_rotation_of_one_source_while_the_others_keep_taking_traffic(
     for bridge in two_bridges:
         await bridge.wait_ready()
     everyone = await broker.bind_queue(first.exchange, "#")
+    team_b_only = await broker.bind_queue(f"{first.exchange}.source.team-b", "batch.*")
     old_prod = projects.signers["prod"]
     new_prod = Signer()
     statuses: list[int] = []
@@ -438,6 +439,12 @@ async def test_a_rotation_of_one_source_while_the_others_keep_taking_traffic(
     assert set(statuses) == {200}
     messages = await broker.drain(everyone)
     assert {message.headers[SOURCE_HEADER] for message in messages} == set(SOURCES)
+    team_b = await broker.drain(team_b_only)
+    assert team_b
+    assert {message.headers[SOURCE_HEADER] for message in team_b} == {"team-b"}
+    # Both processes fed it, and each accepted webhook reached it once.
+    assert len(team_b) == statuses.count(200) // 2
+    assert len({message.message_id for message in team_b}) == len(team_b)
     for bridge in two_bridges:
         exposition = await metrics_of(bridge)
         assert 'webhook_bridge_secret_reloads_total{result="applied",source="prod"} 1.0' in (
