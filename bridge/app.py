@@ -32,7 +32,7 @@ from bridge.publisher import (
     Topology,
     route,
 )
-from bridge.settings import Settings
+from bridge.settings import Settings, SettingsError
 from bridge.signature import (
     MalformedWebhookHeaders,
     SignatureMismatch,
@@ -454,6 +454,9 @@ def create_app(
 def _secrets_by_source(settings: Settings) -> list[tuple[str | None, tuple[bytes, ...]]]:
     if not settings.sources:
         return [(None, settings.signing_keys)]
+    if tuple(source.name for source in settings.source_secrets) != settings.sources:
+        # Settings made without reading the sources' secrets would refuse every webhook.
+        raise SettingsError("the sources' secrets were not read: use load_settings")
     return [(source.name, source.keys) for source in settings.source_secrets]
 
 
