@@ -48,6 +48,7 @@ from bridge.publisher import (
 )
 from bridge.settings import DEFAULT_EXCHANGE, Settings, env_name
 from bridge.signature import MAX_WEBHOOK_ID_LENGTH
+from bridge.sources import SOURCE_HEADER, SOURCE_NAME
 from bridge.tracing import MAX_TRACESTATE_LENGTH, TRACEPARENT, TRACESTATE
 
 __all__ = ["asyncapi_document", "render"]
@@ -393,6 +394,14 @@ def _headers(description: str, kind_headers: dict[str, Any]) -> dict[str, Any]:
             "maxLength": MAX_TRACESTATE_LENGTH,
             "description": "W3C trace state, only when the request sent one.",
         },
+        SOURCE_HEADER: {
+            "type": "string",
+            "pattern": SOURCE_NAME.pattern.join("^$"),
+            "description": "With BRIDGE_SOURCES only: the source (OpenAI project) whose path "
+            "and secret the webhook came by; the same events are also routed by type on the "
+            "topic exchange `<exchange>.source.<name>`. Not signed: verify with that source's "
+            "secrets, which belong to no other source.",
+        },
         **kind_headers,
     }
     return {
@@ -400,7 +409,7 @@ def _headers(description: str, kind_headers: dict[str, Any]) -> dict[str, Any]:
         "description": f"{description} RabbitMQ may add its own, such as `x-delivery-count` "
         "on a quorum queue and `x-death` after dead-lettering.",
         "properties": headers,
-        "required": sorted(name for name in headers if name != TRACESTATE),
+        "required": sorted(name for name in headers if name not in (TRACESTATE, SOURCE_HEADER)),
     }
 
 
