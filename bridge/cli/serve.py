@@ -24,7 +24,8 @@ def add_parser(commands: Commands) -> None:
     serve_parser = commands.add_parser(
         "serve",
         help="run the HTTP ingress",
-        description="Receive OpenAI's webhooks on POST /webhooks/openai, verify each, and "
+        description="Receive OpenAI's webhooks on POST /webhooks/openai (with BRIDGE_SOURCES, "
+        "POST /webhooks/openai/<source> for each project), verify each, and "
         "publish it to the topic exchange; answer 2xx only after the broker confirmed. Every "
         "setting is read from its BRIDGE_* variable or a file in BRIDGE_SECRETS_DIR; a flag "
         "overrides it.",
@@ -32,6 +33,7 @@ def add_parser(commands: Commands) -> None:
             "BRIDGE_SECRETS_DIR=.secrets webhook-bridge serve",
             "BRIDGE_AMQP_URL=amqp://rabbit-0:5672/,amqp://rabbit-1:5672/ webhook-bridge serve",
             "webhook-bridge serve --port 9000 --log-format json",
+            "BRIDGE_SOURCES=prod,staging BRIDGE_SECRETS_DIR=.sources webhook-bridge serve",
         ),
     )
     add_setting_flags(serve_parser)
