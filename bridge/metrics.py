@@ -230,7 +230,6 @@ class Metrics:
         self._suppressed_tallies = {
             outcome: _Tally(self.log_lines_suppressed.labels(outcome=outcome.value))
             for outcome in REJECTED_OUTCOMES
-            if outcome in self.outcomes
         }
         self._dedup_tallies = {
             result: _Tally(self.dedup_results.labels(result=result.value)) for result in DedupResult
