@@ -397,12 +397,12 @@ class Settings(BaseSettings):
         """The secrets to re-check stored messages with: the single list, or each source's
         (``extra``, retired secrets, only for ``source``: never for a source they are not
         known to belong to)."""
+        if source is not None:
+            self.source_named(source)
         if not self.sources:
             return [*self.webhook_secret.get_secret_value().split(","), *extra]
         if extra and source is None:
             raise SettingsError("with BRIDGE_SOURCES, extra secrets need --source NAME")
-        if source is not None:
-            self.source_named(source)
         return {
             each.name: [
                 *each.secret.get_secret_value().split(","),

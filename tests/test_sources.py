@@ -808,3 +808,24 @@ def test_the_kubernetes_component_mounts_each_source_in_its_directory(tmp_path: 
     assert {source_exchange_name("openai.webhooks", name) for name in sources} <= exchanges
     compose = _compose()["services"]["bridge"]["environment"]
     assert parse_source_names(compose["BRIDGE_SOURCES"]) == sources
+
+
+def test_stored_messages_are_verified_with_each_sources_own_secrets(
+    projects: Projects, clean_environment: None
+) -> None:
+    settings = source_settings(projects)
+    retired = new_secret()
+    secrets = settings.verification_secrets([retired], source="staging")
+    assert isinstance(secrets, dict)
+    assert secrets == {
+        "prod": [projects.signers["prod"].secret],
+        "staging": [projects.signers["staging"].secret, retired],
+        "team-b": [projects.signers["team-b"].secret],
+    }
+    with pytest.raises(SettingsError, match="extra secrets need --source NAME"):
+        settings.verification_secrets([retired])
+    with pytest.raises(SettingsError, match="--source qa: no such source"):
+        settings.verification_secrets(source="qa")
+    # Settings made without the sources' secrets cannot serve: every webhook would be refused.
+    with pytest.raises(SettingsError, match="the sources' secrets were not read"):
+        create_app(Settings(sources="prod"))
