@@ -25,7 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.app import WEBHOOK_PATH, create_app
 from bridge.archive import ArchiveFollower
-from bridge.publisher import Topology
+from bridge.publisher import ArchiveRetention, Topology, declare_topology
 from bridge.samples import sample_body
 from bridge.settings import Settings, SettingsError, load_settings
 from bridge.sources import SOURCE_HEADER, parse_source_names, source_exchange_name
@@ -829,3 +829,36 @@ def test_stored_messages_are_verified_with_each_sources_own_secrets(
     # Settings made without the sources' secrets cannot serve: every webhook would be refused.
     with pytest.raises(SettingsError, match="the sources' secrets were not read"):
         create_app(Settings(sources="prod"))
+
+
+@pytest.mark.broker
+async def test_turning_the_archive_on_later_leaves_one_route_to_each_source(
+    broker: Broker,
+) -> None:
+    """Declared without the archive, then with it: the main exchange's binding to the
+    headers exchange goes, or every event would reach a source's queues twice and the main
+    exchange's alternate exchange would never fire."""
+    exchange = unique_name("test.webhooks")
+    plain = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
+    archived = Topology(
+        exchange,
+        plain.unrouted_exchange,
+        plain.quarantine_exchange,
+        archive=ArchiveRetention(max_bytes=10_000_000),
+        sources=SOURCES,
+    )
+    forget_source_topology(broker, archived)
+    for topology in (plain, archived):
+        async with broker.connection.channel() as channel:
+            await declare_topology(channel, topology)
+    prod_queue = await broker.bind_queue(archived.source_exchange("prod"), "#")
+    async with broker.connection.channel(publisher_confirms=True) as channel:
+        ingress = await channel.get_exchange(archived.ingress_exchange)
+        for event_type in ("batch.completed", "batch.failed"):
+            await ingress.publish(
+                aio_pika.Message(sample_body(event_type), headers={SOURCE_HEADER: "prod"}),
+                routing_key=event_type,
+            )
+    assert len(await broker.drain(prod_queue)) == 2
+    # Bound on no queue of the main exchange: its alternate exchange took both.
+    assert len(await broker.drain(archived.unrouted_exchange)) == 2
