@@ -376,9 +376,13 @@ class AmqpPublisher:
     async def _publishing_channel(self, deadline: float) -> aiormq.Channel:
         channel = self._amqp_channel
         if channel is None or channel.is_closed:
-            assert self._channel is not None
+            publishing = self._channel
+            if publishing is None or publishing.is_closed:
+                # The connection went while this publish waited for its slot: the same
+                # answer as a publish that arrives after it went.
+                raise BrokerUnavailable(self._not_ready_reason())
             async with asyncio.timeout_at(deadline):
-                underlay = await self._channel.get_underlay_channel()
+                underlay = await publishing.get_underlay_channel()
             if not isinstance(underlay, aiormq.Channel):
                 raise RuntimeError(f"unexpected AMQP channel type {type(underlay).__name__}")
             awaiting: set[asyncio.Future[Any]] = set()

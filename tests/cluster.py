@@ -9,14 +9,22 @@ touched. Nodes are killed, paused and restarted by the process id in their own p
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import re
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import aio_pika
+import aiohttp
+
 from tests.brokers import START_TIMEOUT, Node, Release, make_home, own_epmd, reserved_ports
-from tests.conftest import free_port
+from tests.conftest import BridgeProcess, free_port, unique_name
 
 CLUSTER_SIZE = 3
 
@@ -56,6 +64,32 @@ class Cluster:
             str(START_TIMEOUT),
             timeout=START_TIMEOUT + 10,
         )
+
+    def await_whole(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every node runs the broker, sees every other one and records no
+        partition: after a partition heals, a paused minority restarts by itself."""
+        deadline = time.monotonic() + timeout
+        problem = ""
+        while time.monotonic() < deadline:
+            try:
+                problem = next(
+                    (problem for node in self.nodes if (problem := self._unwhole(node))), ""
+                )
+            except (AssertionError, subprocess.TimeoutExpired) as error:
+                problem = str(error)
+            if not problem:
+                return
+            time.sleep(1)
+        raise AssertionError(f"the cluster is not whole again after {timeout:g} s: {problem}")
+
+    def _unwhole(self, node: Node) -> str:
+        status = json.loads(node.ctl("cluster_status", "--formatter", "json", timeout=30))
+        running = set(status.get("running_nodes", []))
+        if running != {other.name for other in self.nodes}:
+            return f"{node.name} sees {sorted(running)} running"
+        if status.get("partitions"):
+            return f"{node.name} records partitions {status['partitions']}"
+        return ""
 
     def restore(self) -> None:
         """Every node running and in the cluster again, whatever a test did to them."""
@@ -133,3 +167,54 @@ def running_cluster(release: Release) -> Iterator[Cluster]:
             yield cluster
         finally:
             cluster.stop()
+
+
+@dataclass
+class ClusterQueue:
+    """A quorum queue bound ``#`` to the bridge's exchange, read through any running node."""
+
+    cluster: Cluster
+    name: str
+    exchange: str
+
+    @classmethod
+    async def declare(cls, cluster: Cluster, exchange: str, on: Node) -> ClusterQueue:
+        queue = cls(cluster, unique_name("test.cluster.queue"), exchange)
+        async with await aio_pika.connect(on.url, timeout=10) as connection:
+            channel = await connection.channel()
+            declared = await channel.declare_queue(
+                queue.name, durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await declared.bind(exchange, routing_key="#")
+        return queue
+
+    async def ids(self) -> list[str]:
+        """Every message id in this queue and in the bridge's unrouted queue, consumed."""
+        ids: list[str] = []
+        deadline = time.monotonic() + 60
+        while True:
+            node = self.cluster.any_running()
+            try:
+                async with await aio_pika.connect(node.url, timeout=10) as connection:
+                    channel = await connection.channel()
+                    for name in (self.name, f"{self.exchange}.unrouted"):
+                        queue = await channel.get_queue(name, ensure=False)
+                        while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                            ids.append(message.message_id or "")
+                return ids
+            except (aio_pika.exceptions.AMQPError, OSError):
+                # A quorum queue is readable again once its members have elected a leader.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1)
+
+
+async def connected_node(cluster: Cluster, bridge: BridgeProcess) -> Node:
+    """The node the bridge says it is connected to, from its metrics."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{bridge.host}:{bridge.port}/metrics") as response,
+    ):
+        text = await response.text()
+    (address,) = re.findall(r'webhook_bridge_broker_node_info\{node="([^"]+)"\} 1\.0', text)
+    return cluster.node_at(address)

@@ -49,7 +49,7 @@ MACHINE_BROKER_ONLY = ("install", "image", "cluster")
 
 # Fixtures shared by the load tests and by the installed-package tests, in the modules
 # that define the sender and the install profiles.
-pytest_plugins = ("tests.sender", "tests.install_profiles")
+pytest_plugins = ("tests.history", "tests.install_profiles")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -327,10 +327,11 @@ class BridgeProcess:
     exchange: str
     log_path: Path
     operations_port: int | None = None  # BRIDGE_METRICS_PORT; None: the webhook port
+    host: str = "127.0.0.1"  # another for a bridge in a network namespace of its own
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/webhooks/openai"
+        return f"http://{self.host}:{self.port}/webhooks/openai"
 
     async def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -339,7 +340,7 @@ class BridgeProcess:
                 if self.process.poll() is not None:
                     raise AssertionError(f"bridge exited early: {self.process.returncode}")
                 with contextlib.suppress(aiohttp.ClientError):
-                    readyz = f"http://127.0.0.1:{self.operations_port or self.port}/readyz"
+                    readyz = f"http://{self.host}:{self.operations_port or self.port}/readyz"
                     async with session.get(readyz) as response:
                         if response.status == 200:
                             return

@@ -23,6 +23,10 @@ class HoldableProxy:
     def hold(self) -> None:
         self._flowing.clear()
 
+    def resume(self) -> None:
+        """Forward again."""
+        self._flowing.set()
+
     def cut(self) -> None:
         """Close every connection made so far; new ones are forwarded as before."""
         for writer in self._writers:

@@ -11,6 +11,7 @@ import aiormq
 import pytest
 from yarl import URL
 
+from bridge.app import create_app
 from bridge.consumer import connect_to_a_node
 from bridge.events import classify
 from bridge.publisher import (
@@ -27,7 +28,16 @@ from bridge.publisher import (
 from bridge.samples import sample_body
 from bridge.settings import Settings
 from bridge.signature import WebhookHeaders
-from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, make_settings, unique_name
+from tests.conftest import (
+    AMQP_URL,
+    AiohttpClient,
+    BridgeProcess,
+    Broker,
+    Signer,
+    make_settings,
+    unique_name,
+)
+from tests.tcp_proxy import holdable_proxy
 
 NODES = [URL(f"amqp://bridge:pw@rabbit-{index}:5672/") for index in range(3)]
 
@@ -176,3 +186,62 @@ async def test_an_answer_to_a_confirmation_given_up_is_ignored() -> None:
     confirmation.set_exception(aiormq.exceptions.ChannelInvalidStateError("returned"))
     confirmation.set_result(None)
     assert confirmation.cancelled()
+
+
+@pytest.mark.broker
+async def test_requests_waiting_for_a_slot_when_the_connection_goes_get_503(
+    signer: Signer, broker: Broker, aiohttp_client: AiohttpClient
+) -> None:
+    """The race a paused node's forced close set off: requests queued for an in-flight slot
+    reached the publishing channel after the supervisor had dropped it (a 500 each)."""
+    upstream = URL(AMQP_URL)
+    async with holdable_proxy(upstream.host or "127.0.0.1", upstream.port or 5672) as proxy:
+        settings = make_settings(
+            signer,
+            amqp_url=str(upstream.with_host("127.0.0.1").with_port(proxy.port)),
+            publish_timeout=10.0,
+            min_publishes_in_flight=1,
+            max_publishes_in_flight=1,
+        )
+        publisher = AmqpPublisher(settings)
+        broker.forget_topology(publisher.topology)
+        await publisher.start()
+        try:
+            async with asyncio.timeout(20):
+                while not publisher.ready:
+                    await asyncio.sleep(0.05)
+            client = await aiohttp_client(create_app(settings, publisher))
+            queue = await broker.bind_queue(settings.exchange, "#")
+            # The only slot is the test's: every request waits for it, past the ready check.
+            assert publisher.in_flight_limit.try_acquire()
+            bodies = [sample_body("batch.completed") for _ in range(5)]
+            waiting = [
+                asyncio.create_task(client.post("/webhooks/openai", data=body, headers=headers))
+                for body in bodies
+                for headers in [signer.headers(body)]
+            ]
+            async with asyncio.timeout(5):
+                while publisher.in_flight_limit.waiting < len(waiting):
+                    await asyncio.sleep(0.01)
+            proxy.hold()  # reconnecting hangs until the test lets it through
+            proxy.cut()
+            async with asyncio.timeout(10):
+                # Private on purpose: the moment the supervisor has dropped the channel.
+                while publisher._channel is not None:
+                    await asyncio.sleep(0.01)
+            publisher.in_flight_limit.release(None)
+            statuses = [(await asyncio.wait_for(task, 15)).status for task in waiting]
+            assert statuses == [503] * len(waiting)
+
+            proxy.resume()
+            async with asyncio.timeout(30):
+                while not publisher.ready:
+                    await asyncio.sleep(0.05)
+            body = sample_body("batch.completed")
+            response = await client.post(
+                "/webhooks/openai", data=body, headers=signer.headers(body)
+            )
+            assert response.status == 200
+        finally:
+            await publisher.close()
+    assert [message.body for message in await broker.drain(queue)] == [body]

@@ -1,9 +1,10 @@
 """Breaking things on purpose: the bridge must never answer 2xx for an event it could lose.
 
 Each test drives a real ``webhook-bridge serve`` process with a sender that behaves like
-OpenAI (retries every non-2xx and connection error) and then checks the invariant:
-every ``webhook-id`` that got a 2xx is in a durable queue bound to the exchange, no 5xx
-other than 503 was sent, and the bridge recovered without being restarted.
+OpenAI (retries every non-2xx and connection error) and then checks its history
+(tests/history.py): every ``webhook-id`` that got a 2xx is in a durable queue bound to the
+exchange, no status other than 2xx and 503 was sent, and the bridge recovered without
+being restarted.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 
 from bridge.samples import new_webhook_id, sample_body
 from tests.conftest import BridgeProcess, Broker, Signer
+from tests.history import OpenAILikeSender, check
 from tests.rabbitmq import (
     BrokerUser,
     app_stopped,
@@ -30,7 +32,6 @@ from tests.rabbitmq import (
     needs_rabbitmqctl,
     temporary_user,
 )
-from tests.sender import OpenAILikeSender, assert_nothing_lost
 
 pytestmark = [pytest.mark.broker, pytest.mark.disruptive, needs_rabbitmqctl]
 
@@ -97,7 +98,10 @@ def readyz(bridge: BridgeProcess) -> str:
 
 
 async def test_broker_restart_under_load(
-    start_under_load: Callable[..., Awaitable[UnderLoad]], broker: Broker, signer: Signer
+    start_under_load: Callable[..., Awaitable[UnderLoad]],
+    broker: Broker,
+    signer: Signer,
+    scenario: str,
 ) -> None:
     loaded = await start_under_load(BRIDGE_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
     bridge, queue, sender = loaded.bridge, loaded.queue, loaded.sender
@@ -111,12 +115,10 @@ async def test_broker_restart_under_load(
         await asyncio.sleep(1)
 
     await bridge.wait_ready(timeout=30)
-    accepted_before = len(sender.report.accepted)
-    await sender.wait_accepted(accepted_before + 50)
-    report = await sender.finish()
-    assert report.statuses[503] > 0, "the outage was seen"
-    assert not report.given_up
-    assert_nothing_lost(report, await queued_ids(broker, queue, bridge))
+    await sender.accept_more(50)
+    history = await sender.finish()
+    verdict = check(scenario, history, await queued_ids(broker, queue, bridge))
+    assert verdict.unavailable > 0, "the outage was seen"
     assert bridge.process.poll() is None, "recovered without a restart"
 
 
@@ -130,6 +132,7 @@ async def test_connections_killed_under_load(
     broker_user: BrokerUser,
     start_under_load: Callable[..., Awaitable[UnderLoad]],
     broker: Broker,
+    scenario: str,
 ) -> None:
     loaded = await start_under_load(
         BRIDGE_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT), BRIDGE_AMQP_URL=broker_user.amqp_url
@@ -140,10 +143,9 @@ async def test_connections_killed_under_load(
         assert close_connections_of(broker_user.name) >= 1
         await asyncio.sleep(0.5)
     await bridge.wait_ready(timeout=30)
-    await sender.wait_accepted(len(sender.report.accepted) + 50)
-    report = await sender.finish()
-    assert not report.given_up
-    assert_nothing_lost(report, await queued_ids(broker, queue, bridge))
+    await sender.accept_more(50)
+    history = await sender.finish()
+    check(scenario, history, await queued_ids(broker, queue, bridge))
 
 
 @pytest.mark.parametrize("alarm", [memory_alarm, disk_alarm], ids=["memory", "disk"])
@@ -153,6 +155,7 @@ async def test_an_alarm_blocks_publishes_and_503s_within_the_deadline(
     broker: Broker,
     signer: Signer,
     make_sender: Callable[..., OpenAILikeSender],
+    scenario: str,
 ) -> None:
     bridge = start_bridge(BRIDGE_PUBLISH_TIMEOUT=str(PUBLISH_TIMEOUT))
     await bridge.wait_ready()
@@ -174,14 +177,13 @@ async def test_an_alarm_blocks_publishes_and_503s_within_the_deadline(
 
     await bridge.wait_ready(timeout=30)
     await sender.wait_accepted(30)
-    report = await sender.finish()
-    assert report.statuses[503] > 0
-    assert not report.given_up
-    assert_nothing_lost(report, await queued_ids(broker, queue, bridge))
+    history = await sender.finish()
+    verdict = check(scenario, history, await queued_ids(broker, queue, bridge))
+    assert verdict.unavailable > 0
 
 
 async def test_sigterm_under_load_drains_and_exits_zero(
-    start_under_load: Callable[..., Awaitable[UnderLoad]], broker: Broker
+    start_under_load: Callable[..., Awaitable[UnderLoad]], broker: Broker, scenario: str
 ) -> None:
     loaded = await start_under_load(
         accepted=100,
@@ -195,15 +197,15 @@ async def test_sigterm_under_load_drains_and_exits_zero(
     exit_code = await asyncio.to_thread(bridge.process.wait, 20)
     assert exit_code == 0
     assert time.monotonic() - started < 10 + 2, "exited within the drain deadline"
-    report = await sender.finish(abandon=True)
-    assert_nothing_lost(report, await queued_ids(broker, queue, bridge))
+    history = await sender.finish(abandon=True)
+    check(scenario, history, await queued_ids(broker, queue, bridge), abandoned=True)
     log = bridge.log_path.read_text()
     assert "shutting down" in log
     assert "Traceback" not in log
 
 
 async def test_sigkill_loses_nothing_that_got_a_2xx(
-    start_under_load: Callable[..., Awaitable[UnderLoad]], broker: Broker
+    start_under_load: Callable[..., Awaitable[UnderLoad]], broker: Broker, scenario: str
 ) -> None:
     loaded = await start_under_load(
         accepted=100, sender_options={"concurrency": 32, "retry_deadline": 5}
@@ -212,8 +214,8 @@ async def test_sigkill_loses_nothing_that_got_a_2xx(
 
     bridge.process.kill()
     bridge.process.wait(timeout=10)
-    report = await sender.finish(abandon=True)
-    assert_nothing_lost(report, await queued_ids(broker, queue, bridge))
+    history = await sender.finish(abandon=True)
+    check(scenario, history, await queued_ids(broker, queue, bridge), abandoned=True)
 
 
 async def test_a_hundred_concurrent_copies_publish_once_and_a_later_retry_not_at_all(
