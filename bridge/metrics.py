@@ -325,6 +325,12 @@ class HydrationMetrics:
             "fetching has stopped and events stay queued.",
             registry=self.registry,
         )
+        self.backlog = Gauge(
+            "webhook_bridge_hydrate_backlog",
+            "Events waiting in <exchange>.hydrate, as the broker last reported (every worker "
+            "reports the same queue).",
+            registry=self.registry,
+        )
         for result in HydrationResult:
             for event_type in sorted(KNOWN_EVENT_TYPES):
                 if hydration_for(event_type) is not None:
@@ -347,6 +353,9 @@ class HydrationMetrics:
 
     def set_key_refused(self, refused: bool) -> None:
         self.key_refused.set(1 if refused else 0)
+
+    def set_backlog(self, messages: int) -> None:
+        self.backlog.set(messages)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ from aiohttp import web
 from yarl import URL
 
 from bridge.events import KNOWN_EVENT_TYPES
+from bridge.metrics import HydrationMetrics
 from bridge.replay.pushgateway import push_summary
 from bridge.replay.run import ReplaySummary
 from bridge.samples import sample_body
@@ -322,7 +323,9 @@ async def test_rules_and_dashboard_name_only_exported_metrics(
         session.get(f"http://127.0.0.1:{bridge.port}/metrics") as response,
     ):
         exposition = await response.text()
-    exported = exposed_series_names(exposition) | await _replay_series_names()
+    hydration = exposed_series_names(HydrationMetrics().exposition().decode())
+    exported = exposed_series_names(exposition) | await _replay_series_names() | hydration
     queried = queried_metric_names()
     assert "webhook_bridge_replay_messages_total" in queried
+    assert "webhook_bridge_hydrate_backlog" in queried
     assert queried - exported == set()

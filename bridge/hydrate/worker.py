@@ -74,6 +74,8 @@ MAX_BACKOFF = 30.0
 FORBIDDEN_IN_A_ROW_IS_THE_KEY = 3
 """403s for different objects in a row, with no success between, that mean the key (a
 restricted key without the read scope) rather than the objects."""
+BACKLOG_INTERVAL = 10.0
+"""Seconds between reads of the hydration queue's depth for the backlog metric."""
 DEFAULT_RATE_LIMIT_PAUSE = 1.0
 """Seconds every call waits after a 429 without ``Retry-After``."""
 
@@ -194,10 +196,26 @@ class HydrationWorker:
                 settings.hydrate_concurrency,
             )
             self._consuming = True
+            watching = asyncio.create_task(self._watch_backlog(connection))
             try:
                 await self._consume(consumer)
             finally:
                 self._consuming = False
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
+
+    async def _watch_backlog(self, connection: AbstractRobustConnection) -> None:
+        """Have ``webhook_bridge_hydrate_backlog`` follow the queue's depth."""
+        while True:
+            with contextlib.suppress(*_BROKER_FAILURES):
+                async with (
+                    asyncio.timeout(self._settings.publish_timeout),
+                    connection.channel() as channel,
+                ):
+                    queue = await channel.declare_queue(self._names.queue, passive=True)
+                    self.metrics.set_backlog(queue.declaration_result.message_count or 0)
+            await asyncio.sleep(BACKLOG_INTERVAL)
 
     async def _consume(self, consumer: EventConsumer) -> None:
         free = asyncio.Semaphore(self._settings.hydrate_concurrency)
