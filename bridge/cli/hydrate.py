@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bridge.cli.arguments import (
@@ -18,6 +19,8 @@ from bridge.hydrate.service import openai_fetcher, serve_worker
 from bridge.hydrate.settings import load_hydrate_settings
 from bridge.logs import configure_logging
 from bridge.server import run
+from bridge.setting_names import check_setting_names
+from bridge.settings import default_secrets_dir
 
 
 def add_parser(commands: Commands) -> None:
@@ -28,7 +31,7 @@ def add_parser(commands: Commands) -> None:
         "API can return), fetch each event's object with OPENAI_API_KEY and publish the API's "
         "exact bytes to the topic exchange <exchange>.objects, routed by event type; events "
         "whose object cannot be fetched are recorded on <exchange>.objects.failed. Needs the "
-        "'hydrate' extra. Settings come from BRIDGE_* variables (BRIDGE_HYDRATE_*) and "
+        "'hydrate' extra. Settings come from BRIDGE_* variables (see the settings reference) and "
         "OpenAI's own (OPENAI_API_KEY, OPENAI_BASE_URL, OPENAI_ORG_ID, OPENAI_PROJECT_ID); "
         "SIGTERM finishes the events in hand and exits 0.",
         epilog=examples(
@@ -50,6 +53,7 @@ def add_parser(commands: Commands) -> None:
 
 
 def _hydrate_command(args: argparse.Namespace) -> int:
+    check_setting_names(os.environ, default_secrets_dir())
     overrides = broker_overrides(args)
     if args.rate is not None:
         overrides["hydrate_rate"] = args.rate

@@ -1,4 +1,4 @@
-"""The hydration worker's settings: ``BRIDGE_*`` shared with the bridge, ``BRIDGE_HYDRATE_*``
+"""The hydration worker's settings: ``BRIDGE_*`` shared with the bridge, ``hydrate_*`` fields
 of its own, and OpenAI's own variable names for the API (``OPENAI_API_KEY``,
 ``OPENAI_BASE_URL``, ``OPENAI_ORG_ID`` and ``OPENAI_PROJECT_ID``, as openai-python reads
 them; ``OPENAI_ORGANIZATION`` and ``OPENAI_PROJECT`` are taken too)."""
