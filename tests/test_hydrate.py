@@ -27,7 +27,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, ExchangeType
 from aiohttp.test_utils import TestClient, TestServer
 
-from bridge.consumer import retry_queue_name
+from bridge.consumer import ObjectConsumer, retry_queue_name
 from bridge.dedup.idempotency import RedisIdempotencyStore
 from bridge.events import KNOWN_EVENT_TYPES
 from bridge.hydrate import HYDRATIONS, HydrateSettings, Hydration, hydration_for
@@ -729,3 +729,57 @@ def test_hydration_covers_each_family_once() -> None:
     assert hydration_for("safety_identifier.blocked") is None
     assert hydration_for("batch.completed.extra") is None
     assert isinstance(hydration_for("video.completed"), Hydration)
+
+
+async def test_the_consumer_library_yields_each_object_as_the_sdks_type(
+    hydrating: Hydrating,
+) -> None:
+    await hydrating.start_worker()
+    consumer = ObjectConsumer(AMQP_URL, exchange=hydrating.exchange, patterns=["batch.*"])
+    async with consumer:
+        await hydrating.publish_hydratable("response.completed")  # not bound: not read here
+        sent = await hydrating.publish_hydratable("batch.completed", source="main")
+        delivery = await asyncio.wait_for(anext(aiter(consumer)), WAIT)
+        assert isinstance(delivery.object, openai.types.Batch)
+        assert (delivery.object.id, delivery.object.status) == (sent.object_id, "completed")
+        assert delivery.body == object_bytes("batch.completed", sent.object_id)
+        assert (delivery.message_id, delivery.event_type, delivery.routing_key) == (
+            sent.webhook_id,
+            "batch.completed",
+            "batch.completed",
+        )
+        assert delivery.event_id == json.loads(sent.body)["id"]
+        assert (delivery.object_type, delivery.source, delivery.stale) == ("batch", "main", False)
+        await delivery.ack()
+
+
+async def test_consume_objects_prints_each_objects_exact_bytes(hydrating: Hydrating) -> None:
+    await hydrating.start_worker()
+    environment = {
+        **{name: value for name, value in os.environ.items() if not name.startswith("BRIDGE_")},
+        "BRIDGE_AMQP_URL": AMQP_URL,
+        "BRIDGE_EXCHANGE": hydrating.exchange,
+    }
+    printing = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bridge",
+        "consume",
+        "--objects",
+        "safety.*",
+        "--count",
+        "1",
+        "--json",
+        cwd=ROOT,
+        env=environment,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert printing.stderr is not None
+    started = await asyncio.wait_for(printing.stderr.readline(), WAIT)
+    assert b"consuming from" in started
+    sent = await hydrating.publish_hydratable("safety.warning_issued")
+    out, errors = await asyncio.wait_for(printing.communicate(), WAIT)
+    assert printing.returncode == 0, errors.decode()
+    expected = object_bytes(sent.event_type, sent.object_id).replace(b"\n", b" ")
+    assert out == expected + b"\n"

@@ -132,3 +132,12 @@ def test_hydrate_stops_with_one_line_naming_its_extra(tmp_path: Path) -> None:
         "webhook-bridge: webhook-bridge hydrate needs the 'hydrate' extra: "
         "pip install 'openai-webhook-bridge[hydrate]'\n"
     )
+
+
+def test_objects_are_plain_json_without_the_sdk(tmp_path: Path) -> None:
+    done = without_the_extras(
+        "from bridge.consumer.objects import as_sdk_object\n"
+        "print(as_sdk_object({'object': 'batch', 'id': 'batch_1'}))",
+        tmp_path,
+    )
+    assert (done.returncode, done.stdout) == (0, "{'object': 'batch', 'id': 'batch_1'}\n")
