@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import secrets
 import time
 import uuid
@@ -89,6 +90,11 @@ class OpenAIStandIn:
     """Statuses a path answers, one a call, before its object."""
     delays: dict[str, list[float]] = field(default_factory=dict)
     """Seconds a path's calls wait before answering, one a call."""
+    any_object: bool = False
+    """Answer a path with no object stored with a made-up one (a demonstration's events
+    name objects nobody stored), ``status`` ``completed``."""
+    any_key: bool = False
+    """Take any bearer key (a demonstration has no key to share)."""
 
     def store_object(self, path: str, *bodies: bytes) -> None:
         self.objects[f"/v1{path}"] = list(bodies)
@@ -132,7 +138,10 @@ class OpenAIStandIn:
 
     @web.middleware
     async def _authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        authorization = request.headers.get("Authorization", "")
+        if not (self.any_key and authorization.startswith("Bearer ")) and (
+            authorization != f"Bearer {self.api_key}"
+        ):
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
         if self.rate_limited_calls > 0:
             self.rate_limited_calls -= 1
@@ -250,6 +259,8 @@ class OpenAIStandIn:
             status = failures.pop(0)
             raise _ErrorAnswer(status, f"The stand-in answers {status} here.")
         bodies = self.objects.get(path)
+        if not bodies and self.any_object:
+            bodies = [_made_up_object(path, int(self.clock()))]
         if not bodies:
             raise _ErrorAnswer(404, f"No object found at '{path}'.")
         body = bodies.pop(0) if len(bodies) > 1 else bodies[0]
@@ -293,6 +304,40 @@ class OpenAIStandIn:
             return 0
 
 
+_OBJECT_TYPES = {
+    "batches": "batch",
+    "responses": "response",
+    "jobs": "fine_tuning.job",
+    "videos": "video",
+    "sessions": "agent.session",
+    "environments": "agent.environment",
+    "alerts": "safety.alert",
+    "cases": "safety.case",
+}
+
+
+def _made_up_object(path: str, now: int) -> bytes:
+    collection, object_id = path.rstrip("/").split("/")[-2:]
+    document = {
+        "id": object_id,
+        "object": _OBJECT_TYPES[collection],
+        "status": "completed",
+        "created_at": now,
+    }
+    return json.dumps(document, indent=2).encode()
+
+
+def main() -> None:
+    """Serve the stand-in on ``STANDIN_PORT`` (default 9090), answering any key and any
+    object id: the compose demonstration's OpenAI API."""
+    state = OpenAIStandIn(any_object=True, any_key=True)
+    web.run_app(
+        state.app(),
+        host="0.0.0.0",
+        port=int(os.environ.get("STANDIN_PORT", "9090")),
+    )
+
+
 def _error_document(message: str, code: str | None) -> dict[str, Any]:
     return {
         "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
@@ -334,3 +379,7 @@ def _event_types(value: object) -> list[str]:
     if unknown:
         raise _ErrorAnswer(400, f"Invalid value for 'event_types': {unknown[0]!r}.")
     return [str(item) for item in value]
+
+
+if __name__ == "__main__":
+    main()

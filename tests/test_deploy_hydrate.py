@@ -3,18 +3,38 @@ worker's own defaults (port, secrets directory, queue name, settings)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp.test_utils import TestServer
 
-from bridge.hydrate import HydrateSettings, HydrationNames
+from bridge.consumer import retry_queue_name
+from bridge.hydrate import BINDING_PATTERNS, HydrateSettings, HydrationNames
+from bridge.hydrate.service import openai_fetcher
+from bridge.hydrate.topology import hydration_queue_arguments, objects_topology
+from bridge.hydrate.worker import HydrationWorker
+from bridge.samples import sample_body
 from bridge.setting_names import valid_setting_names
 from bridge.settings import DEFAULT_EXCHANGE, DEFAULT_SECRETS_DIR
-from tests.test_deploy import KUBERNETES_VERSIONS
+from tests.openai_standin import OpenAIStandIn
+from tests.test_deploy import (
+    DEFINITIONS,
+    EXCHANGE,
+    KUBERNETES_VERSIONS,
+    ImportedDefinitions,
+    _rows,
+    imported_definitions,
+)
+
+__all__ = ["imported_definitions"]  # a fixture used below
 
 HYDRATE = Path(__file__).resolve().parents[1] / "deploy" / "hydrate"
 NAME = "webhook-bridge-hydrate"
@@ -216,3 +236,98 @@ def test_the_network_policy_lets_the_worker_reach_the_api_and_prometheus_in() ->
     assert {443, 5671, 5672, 53} <= egress_ports
     (ingress,) = policy["spec"]["ingress"]
     assert [port["port"] for port in ingress["ports"]] == ["ops"]
+
+
+# ------------------------------------------------------- broker definitions (deploy/rabbitmq)
+
+
+def definitions() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DEFINITIONS.read_text())
+    return loaded
+
+
+def test_the_definitions_hold_the_topology_the_worker_declares() -> None:
+    settings = HydrateSettings(openai_api_key="sk-test", hydrate_metrics_port=0)
+    names = settings.names
+    topology = objects_topology(settings)
+    exchanges = {exchange["name"]: exchange for exchange in definitions()["exchanges"]}
+    assert exchanges[names.objects]["type"] == "topic"
+    assert exchanges[names.objects]["arguments"] == {
+        "alternate-exchange": topology.unrouted_exchange
+    }
+    for name in (topology.unrouted_exchange, topology.quarantine_exchange):
+        assert exchanges[name]["type"] == "fanout", name
+    queues = {queue["name"]: queue for queue in definitions()["queues"]}
+    assert queues[names.queue]["arguments"] == hydration_queue_arguments(settings)
+    for name in (names.objects_unrouted, names.failed):
+        assert queues[name]["arguments"] == {"x-queue-type": settings.queue_type}, name
+    bound = {
+        binding["routing_key"]
+        for binding in definitions()["bindings"]
+        if (binding["source"], binding["destination"]) == (names.exchange, names.queue)
+    }
+    assert bound == set(BINDING_PATTERNS)
+
+
+@pytest.mark.broker
+async def test_the_worker_runs_on_the_definitions_as_the_hydration_user(
+    imported_definitions: ImportedDefinitions,
+) -> None:
+    """Nothing declared but retry queues: objects, failure records and a hand-back."""
+    standin = OpenAIStandIn()
+    server = TestServer(standin.app(), host="127.0.0.1")
+    await server.start_server()
+    standin.store_object(
+        "/batches/batch_found", b'{"id": "batch_found", "object": "batch", "status": "completed"}'
+    )
+    standin.store_object(
+        "/responses/resp_late", b'{"id":"resp_late","object":"response","status":"completed"}'
+    )
+    standin.failures["/v1/responses/resp_late"] = [503]
+    settings = HydrateSettings(
+        amqp_url=imported_definitions.hydrate_amqp_url,
+        exchange=EXCHANGE,
+        declare_topology=False,
+        openai_api_key=standin.api_key,
+        openai_base_url=str(server.make_url("/v1")),
+        hydrate_attempts=1,
+        hydrate_requeue_delay=0.2,
+        hydrate_metrics_port=0,
+    )
+    worker = HydrationWorker(settings, openai_fetcher(settings))
+    running = asyncio.create_task(worker.run())
+    bridge = await aio_pika.connect(imported_definitions.amqp_url)
+    try:
+        deadline = time.monotonic() + 30
+        while not worker.ready:
+            assert not running.done(), running
+            assert time.monotonic() < deadline, worker.not_ready_reason
+            await asyncio.sleep(0.05)
+        channel = await bridge.channel(publisher_confirms=True)
+        ingress = await channel.get_exchange(f"{EXCHANGE}.ingress", ensure=False)
+        for event_type, object_id in (
+            ("batch.completed", "batch_found"),
+            ("batch.failed", "batch_missing"),
+            ("response.completed", "resp_late"),
+        ):
+            body = sample_body(event_type, overrides={"data.id": object_id})
+            message = aio_pika.Message(
+                body, message_id=f"wh_{object_id}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
+            await ingress.publish(message, routing_key=event_type, mandatory=True)
+        names = settings.names
+
+        def counts() -> dict[str, str]:
+            rows = _rows("list_queues", "-p", imported_definitions.vhost, "name", "messages")
+            return {row[0]: row[1] for row in rows}
+
+        while counts().get(names.objects_unrouted) != "2" or counts().get(names.failed) != "1":
+            assert time.monotonic() < deadline + 30, counts()
+            await asyncio.sleep(0.2)
+        assert counts()[names.queue] == "0"
+        assert retry_queue_name(names.queue, 200) in counts()
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 60)
+        await bridge.close()
+        await server.close()
