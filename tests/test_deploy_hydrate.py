@@ -25,6 +25,7 @@ from bridge.samples import sample_body
 from bridge.setting_names import valid_setting_names
 from bridge.settings import DEFAULT_EXCHANGE, DEFAULT_SECRETS_DIR
 from tests.openai_standin import OpenAIStandIn
+from tests.test_alerts import CRD_SCHEMAS
 from tests.test_deploy import (
     DEFINITIONS,
     EXCHANGE,
@@ -331,3 +332,12 @@ async def test_the_worker_runs_on_the_definitions_as_the_hydration_user(
         await asyncio.wait_for(running, 60)
         await bridge.close()
         await server.close()
+
+
+def test_the_monitoring_component_scrapes_the_workers_operations_port() -> None:
+    assert kustomization(HYDRATE / "monitoring")["kind"] == "Component"
+    (monitor,) = load(HYDRATE / "monitoring" / "podmonitor.yaml")
+    jsonschema.validate(monitor, CRD_SCHEMAS["PodMonitor"])
+    assert monitor["spec"]["selector"]["matchLabels"] == LABELS
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] in {port["name"] for port in container()["ports"]}
