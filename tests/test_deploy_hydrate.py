@@ -157,6 +157,7 @@ def deployment() -> dict[str, Any]:
 
 def container() -> dict[str, Any]:
     (only,) = deployment()["spec"]["template"]["spec"]["containers"]
+    assert isinstance(only, dict)
     return only
 
 
