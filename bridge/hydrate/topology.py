@@ -48,18 +48,18 @@ async def prepare_topology(connection: AbstractRobustConnection, settings: Hydra
     """
     names = settings.names
     await require_exchange(connection, names.exchange)
-    topology = objects_topology(settings)
     if not settings.declare_topology:
         async with connection.channel() as channel:
-            await check_topology(channel, topology)
+            await check_topology(channel, objects_topology(settings))
         await _check_queue(connection, names.queue)
         return
     async with connection.channel() as channel:
-        await declare_topology(channel, topology)
-        await _declare_hydration_queue(channel, settings)
+        await declare_hydration_topology(channel, settings)
 
 
-async def _declare_hydration_queue(channel: AbstractChannel, settings: HydrateSettings) -> None:
+async def declare_hydration_topology(channel: AbstractChannel, settings: HydrateSettings) -> None:
+    """The objects exchanges, then the hydration queue and its bindings."""
+    await declare_topology(channel, objects_topology(settings))
     names = settings.names
     queue = await channel.declare_queue(
         names.queue, durable=True, arguments=hydration_queue_arguments(settings)

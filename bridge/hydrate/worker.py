@@ -70,6 +70,17 @@ OBJECT_TYPE_HEADER = "x-object-type"
 STALE_HEADER = "x-object-stale"
 FAILURE_HEADER = "x-hydrate-failure"
 FAILURE_STATUS_HEADER = "x-hydrate-status"
+OBJECT_HEADERS = (
+    "webhook-id",
+    EVENT_ID_HEADER,
+    EVENT_TYPE_HEADER,
+    OBJECT_TYPE_HEADER,
+    SOURCE_HEADER,
+    "traceparent",
+    "tracestate",
+    STALE_HEADER,
+)
+"""Every header an object's message may carry."""
 MAX_BACKOFF = 30.0
 FORBIDDEN_IN_A_ROW_IS_THE_KEY = 3
 """403s for different objects in a row, with no success between, that mean the key (a
