@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from bridge.dedup.idempotency import RedisIdempotencyStore
 from bridge.events import KNOWN_EVENT_TYPES
 from bridge.hydrate import HYDRATIONS, HydrateSettings, Hydration, hydration_for
 from bridge.hydrate.api import OpenAIFetcher
-from bridge.hydrate.service import openai_fetcher
+from bridge.hydrate.fetching import retry_after_seconds
+from bridge.hydrate.service import openai_fetcher, serve_worker
 from bridge.hydrate.topology import prepare_topology
 from bridge.hydrate.worker import (
     EVENT_ID_HEADER,
@@ -783,3 +785,41 @@ async def test_consume_objects_prints_each_objects_exact_bytes(hydrating: Hydrat
     assert printing.returncode == 0, errors.decode()
     expected = object_bytes(sent.event_type, sent.object_id).replace(b"\n", b" ")
     assert out == expected + b"\n"
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "7"}, 7.0),
+        ({"retry-after": "0.5"}, 0.5),
+        ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
+        ({"retry-after": "Thu, 03 Dec 2026 14:00:30 GMT"}, 30.0),
+        ({"retry-after": "Thu, 03 Dec 2026 13:00:00 GMT"}, 0.0),
+        ({"retry-after": "soon"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_is_read_in_every_form_the_api_uses(
+    headers: dict[str, str], seconds: float | None
+) -> None:
+    now = datetime(2026, 12, 3, 14, 0, tzinfo=UTC).timestamp()
+    assert retry_after_seconds(headers, clock=lambda: now) == seconds
+
+
+async def test_checking_a_topology_that_is_missing_stops_with_one_line(
+    hydrating: Hydrating, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = hydrating.settings(exchange=unique_name("test.elsewhere"), declare_topology=False)
+    async with hydrating.connection.channel() as channel:
+        await channel.declare_exchange(settings.exchange, ExchangeType.TOPIC, durable=True)
+    try:
+        code = await serve_worker(settings, openai_fetcher(settings))
+    finally:
+        async with hydrating.connection.channel() as channel:
+            await channel.exchange_delete(settings.exchange)
+    assert code == 1
+    [line] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert line.getMessage() == (
+        f"hydration stopped: exchange '{settings.names.objects}' does not exist and "
+        "BRIDGE_DECLARE_TOPOLOGY is false; load the broker definitions or enable declaration"
+    )

@@ -46,42 +46,42 @@ def idempotency_store(settings: HydrateSettings) -> IdempotencyStore:
 
 
 async def serve_worker(settings: HydrateSettings, fetcher: Fetcher) -> int:
-    """Hydrate until SIGTERM or SIGINT; exit 0, or 1 when the broker's state stops it."""
+    """Hydrate until SIGTERM or SIGINT; exit 0, or 1 with one log line when the worker
+    cannot start or the broker's state stops it."""
     store = idempotency_store(settings)
     worker = HydrationWorker(settings, fetcher, idempotency=store)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
-    runner: web.AppRunner | None = None
-    if settings.hydrate_metrics_port:
-        runner = web.AppRunner(operations_app(worker), access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            sock = listen(
-                settings.hydrate_host,
-                settings.hydrate_metrics_port,
-                reuse_port=False,
-                receive_buffer=None,
-            )
-        except OSError as error:
-            await runner.cleanup()
-            logger.error(
-                "cannot listen on %s:%s: %s",
-                settings.hydrate_host,
-                settings.hydrate_metrics_port,
-                error.strerror,
-            )
-            return 1
-        await web.SockSite(runner, sock).start()
+    runner = web.AppRunner(operations_app(worker), access_log=None, handle_signals=False)
     try:
+        if settings.hydrate_metrics_port:
+            await runner.setup()
+            try:
+                sock = listen(
+                    settings.hydrate_host,
+                    settings.hydrate_metrics_port,
+                    reuse_port=False,
+                    receive_buffer=None,
+                )
+            except OSError as error:
+                logger.error(
+                    "cannot listen on %s:%s: %s",
+                    settings.hydrate_host,
+                    settings.hydrate_metrics_port,
+                    error.strerror,
+                )
+                return 1
+            await web.SockSite(runner, sock).start()
         await worker.run()
     except Exception as error:  # one line for the operator, not a traceback
         logger.error("hydration stopped: %s", str(error) or type(error).__name__)
         return 1
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
         await fetcher.close()
-        if runner is not None:
-            await runner.cleanup()
         if isinstance(store, RedisIdempotencyStore):
             await store.close()
     logger.info("stopped")
