@@ -337,6 +337,7 @@ class HydrationMetrics:
                     self.hydrations.labels(event_type=event_type, result=result.value)
         for reason in ("rate_limited", "server_error", "timeout", "stale"):
             self.retries.labels(reason=reason)
+        self.api_seconds.labels(status="200")
 
     def hydrated(self, event_type: str, result: HydrationResult) -> None:
         self.hydrations.labels(event_type=event_type, result=result.value).inc()
