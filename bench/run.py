@@ -669,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile-duration", type=int, help="seconds sampled (default 10)")
     parser.add_argument("--require-targets", action="store_true", help="exit 3 when a target fails")
-    modes = parser.add_argument_group("other modes (bench/instructions.py, bench/soak.py)")
+    modes = parser.add_argument_group(
+        "other modes (bench/instructions.py, bench/soak.py, bench/hydrate.py)"
+    )
     modes.add_argument(
         "--instructions",
         type=int,
@@ -697,6 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="left out of the verdicts (default: a quarter of the soak, at most 2 minutes)",
     )
     modes.add_argument("--soak-connections", type=int, default=32, help="default 32")
+    modes.add_argument(
+        "--hydrate",
+        type=int,
+        metavar="N",
+        help="hydrate N events with one `webhook-bridge hydrate` against the stand-in of "
+        "OpenAI's API: objects/s, and the CPU per event beside a plain `consume`'s",
+    )
     return parser
 
 
@@ -724,7 +733,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    other_mode = args.instructions is not None or args.soak is not None
+    other_mode = args.instructions is not None or args.soak is not None or args.hydrate is not None
     if args.broker_latency_ms and other_mode:
         parser.error("--broker-latency-ms applies to the timed run, not --instructions or --soak")
     if args.queue_argument and other_mode:
@@ -734,6 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.instructions import run_instructions
 
         return run_instructions(args.instructions, args.instructions_warmup, args.results)
+    if args.hydrate is not None:
+        from bench.hydrate import run_hydration
+
+        return run_hydration(args.hydrate, args.amqp_url, args.results)
     if args.soak is not None:
         from bench.soak import run_soak, soak_plan_from
 

@@ -22,10 +22,19 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from bridge.events import KNOWN_EVENT_TYPES
+from bridge.hydrate.mapping import hydration_for
 
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
-__all__ = ["CONTENT_TYPE_LATEST", "REJECTED_OUTCOMES", "DedupResult", "Metrics", "RequestOutcome"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "REJECTED_OUTCOMES",
+    "DedupResult",
+    "HydrationMetrics",
+    "HydrationResult",
+    "Metrics",
+    "RequestOutcome",
+]
 
 
 class RequestOutcome(enum.StrEnum):
@@ -317,4 +326,93 @@ class Metrics:
 
     def exposition(self) -> bytes:
         self.flush()
+        return generate_latest(self.registry)
+
+
+class HydrationResult(enum.StrEnum):
+    PUBLISHED = "published"
+    """The object was published, showing what its event says."""
+    STALE = "stale"
+    """Published with ``x-object-stale: true``: it never caught up with its event."""
+    FAILED = "failed"
+    """Recorded on ``<exchange>.objects.failed`` (404, no access, or the API kept failing)."""
+    REQUEUED = "requeued"
+    """Handed back to the queue for later: the API kept failing for now."""
+
+
+class HydrationMetrics:
+    """What ``webhook-bridge hydrate`` exposes on its ``/metrics``: one registry per worker."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.hydrations = Counter(
+            "webhook_bridge_hydrations",
+            "Events hydrated, by event type and result (published, stale, failed, requeued).",
+            ["event_type", "result"],
+            registry=self.registry,
+        )
+        self.api_seconds = Histogram(
+            "webhook_bridge_hydrate_api_seconds",
+            "Latency of each API call, by the HTTP status answered (0: none, timeout or "
+            "connection error).",
+            ["status"],
+            buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.rate_limit_waits = Counter(
+            "webhook_bridge_hydrate_rate_limit_waits",
+            "API calls held back by a 429's Retry-After (the whole worker pauses).",
+            registry=self.registry,
+        )
+        self.rate_limit_wait_seconds = Counter(
+            "webhook_bridge_hydrate_rate_limit_wait_seconds",
+            "Seconds API calls were held back by 429s, summed over the calls.",
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "webhook_bridge_hydrate_retries",
+            "Fetches made again, by reason (rate_limited, server_error, timeout, stale).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.key_refused = Gauge(
+            "webhook_bridge_hydrate_key_refused",
+            "1 while the API refuses the worker's key (401, or 403 for every call): "
+            "fetching has stopped and events stay queued.",
+            registry=self.registry,
+        )
+        self.backlog = Gauge(
+            "webhook_bridge_hydrate_backlog",
+            "Events waiting in <exchange>.hydrate, as the broker last reported (every worker "
+            "reports the same queue).",
+            registry=self.registry,
+        )
+        for result in HydrationResult:
+            for event_type in sorted(KNOWN_EVENT_TYPES):
+                if hydration_for(event_type) is not None:
+                    self.hydrations.labels(event_type=event_type, result=result.value)
+        for reason in ("rate_limited", "server_error", "timeout", "stale"):
+            self.retries.labels(reason=reason)
+        self.api_seconds.labels(status="200")
+
+    def hydrated(self, event_type: str, result: HydrationResult) -> None:
+        self.hydrations.labels(event_type=event_type, result=result.value).inc()
+
+    def api_call(self, status: int, seconds: float) -> None:
+        self.api_seconds.labels(status=str(status)).observe(seconds)
+
+    def held_by_rate_limit(self, seconds: float) -> None:
+        self.rate_limit_waits.inc()
+        self.rate_limit_wait_seconds.inc(seconds)
+
+    def retried(self, reason: str) -> None:
+        self.retries.labels(reason=reason).inc()
+
+    def set_key_refused(self, refused: bool) -> None:
+        self.key_refused.set(1 if refused else 0)
+
+    def set_backlog(self, messages: int) -> None:
+        self.backlog.set(messages)
+
+    def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import SecretStr
+from pydantic import AliasChoices, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 from yarl import URL
@@ -41,13 +41,24 @@ def _document(name: str, field: FieldInfo) -> SettingDoc:
     choices = _choices(annotation)
     return SettingDoc(
         field=name,
-        variable=env_name(name),
+        variable=variable_name(name, field),
         kind="one of" if choices else _kind(annotation),
         default=_default(field),
         choices=choices,
         description=field.description or "",
         is_switch=annotation is bool,
     )
+
+
+def variable_name(name: str, field: FieldInfo) -> str:
+    """The variable a field is read from: ``BRIDGE_<FIELD>``, or the name it is read by
+    instead (``OPENAI_API_KEY``: OpenAI's own, and the first of several)."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    if isinstance(alias, str):
+        return alias
+    return env_name(name)
 
 
 def _unwrap(annotation: Any) -> Any:

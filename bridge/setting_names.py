@@ -1,7 +1,8 @@
 """Unknown setting names stop ``serve``: a typo must not run silently with a default.
 
-The valid names come from :class:`bridge.settings.Settings` at run time, so every
-setting added there is valid here without a second list to keep in step.
+The valid names come from :class:`bridge.settings.Settings` and, since one configuration
+often serves both, the hydration worker's :class:`bridge.hydrate.HydrateSettings` at run
+time, so every setting added there is valid here without a second list to keep in step.
 """
 
 from __future__ import annotations
@@ -10,14 +11,28 @@ import difflib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from bridge.hydrate.settings import HydrateSettings
 from bridge.secrets import SECRET_FILE_NAME
+from bridge.setting_docs import variable_name
 from bridge.settings import ENV_PREFIX, SECRETS_DIR_VARIABLE, Settings, SettingsError, env_name
 
 SOURCES_VARIABLE = env_name("sources")
 
 
 def valid_setting_names() -> frozenset[str]:
-    return frozenset(env_name(field) for field in Settings.model_fields) | {SECRETS_DIR_VARIABLE}
+    """Every ``BRIDGE_*`` setting, and the hydration worker's ``OPENAI_*`` ones (a secrets
+    directory may hold ``OPENAI_API_KEY``)."""
+    return (
+        frozenset(env_name(field) for field in Settings.model_fields)
+        | {SECRETS_DIR_VARIABLE}
+        | hydration_setting_names()
+    )
+
+
+def hydration_setting_names() -> frozenset[str]:
+    return frozenset(
+        variable_name(name, field) for name, field in HydrateSettings.model_fields.items()
+    )
 
 
 def check_setting_names(environment: Mapping[str, str], secrets_dir: Path) -> None:

@@ -492,7 +492,10 @@ def settings_error(error: ValidationError) -> SettingsError:
         message = detail["msg"].removeprefix("Value error, ")
         if detail["type"] == "missing":
             message = "is required"
-        # A check across settings names them itself.
-        named = f"{env_name(str(detail['loc'][0]))} " if detail["loc"] else ""
+        # A check across settings names them itself; a variable read by another name
+        # than the prefixed field's (OPENAI_API_KEY) is named as it is spelled.
+        location = str(detail["loc"][0]) if detail["loc"] else ""
+        variable = location if location.isupper() else env_name(location)
+        named = f"{variable} " if location else ""
         problems.append(f"{named}{message}")
     return SettingsError("; ".join(problems))

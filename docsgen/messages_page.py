@@ -20,6 +20,9 @@ import aio_pika
 
 from bridge.events import classify
 from bridge.frames import HeaderValue, MessageProperties
+from bridge.hydrate import HydrateSettings
+from bridge.hydrate.topology import declare_hydration_topology
+from bridge.hydrate.worker import FAILURE_HEADER, FAILURE_STATUS_HEADER, OBJECT_HEADERS
 from bridge.publisher import OutgoingMessage, Topology, declare_topology, route
 from bridge.settings import Settings, env_name
 from bridge.signature import WebhookHeaders
@@ -64,6 +67,23 @@ HEADERS = {
 KINDS = ("known type", "unknown type", "quarantined")
 EXAMPLE_ARCHIVE_MAX_AGE = "7D"
 EXAMPLE_SOURCES = "prod,staging"
+
+OBJECT_HEADER_MEANINGS = {
+    "webhook-id": "The event's `webhook-id` (also the message's `message-id`).",
+    "x-event-id": "The event's `id`.",
+    "x-event-type": "The event's `type` (also the routing key).",
+    "x-object-type": "The object's `object` field (`batch`, `response`, ...).",
+    "x-webhook-source": "The event's source, when its message carried one.",
+    "traceparent": "The event's W3C trace context, continued.",
+    "tracestate": "The event's W3C trace state, when it had one.",
+    "x-object-stale": "`true` only when the object never showed what its event says (a "
+    "`batch.completed` whose batch was not yet `completed`).",
+}
+FAILURE_HEADER_MEANINGS = {
+    FAILURE_HEADER: "Why the object could not be fetched: `not_found`, `forbidden`, `refused`, "
+    "`server_error`, `timeout`, `not_hydratable` or `not_an_object`.",
+    FAILURE_STATUS_HEADER: "The API's HTTP status (`0`: no answer).",
+}
 
 
 def _body(**fields: Any) -> bytes:
@@ -216,6 +236,31 @@ def _topology_table(topology: Topology) -> str:
     return table(("Name", "Kind", "Durability", "Arguments", "Bound to"), rows)
 
 
+def _hydration_topology_table(settings: HydrateSettings) -> str:
+    channel = _RecordingChannel()
+    asyncio.run(declare_hydration_topology(cast(aio_pika.abc.AbstractChannel, channel), settings))
+    rows = [
+        [
+            code(declared.name),
+            declared.kind,
+            "durable" if declared.durable else "transient",
+            "<br>".join(
+                f"{code(key)}: {code(value)}" for key, value in sorted(declared.arguments.items())
+            ),
+            "<br>".join(code(name) for name in declared.bound_to),
+        ]
+        for declared in sorted(channel.declared, key=lambda declared: declared.name)
+    ]
+    return table(("Name", "Kind", "Durability", "Arguments", "Bound to"), rows)
+
+
+def _hydration_headers_table() -> str:
+    _check_described("object header", set(OBJECT_HEADERS), OBJECT_HEADER_MEANINGS)
+    rows = [[code(name), meaning] for name, meaning in OBJECT_HEADER_MEANINGS.items()]
+    rows += [[code(name), meaning] for name, meaning in FAILURE_HEADER_MEANINGS.items()]
+    return table(("Header", "Meaning"), rows)
+
+
 def _settings(**overrides: Any) -> Settings:
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
     return Settings(webhook_secret=secret, **overrides)
@@ -265,4 +310,16 @@ def render() -> str:
         "instead, and the main exchange keeps its alternate exchange: the unrouted queue then "
         "holds what no queue bound to the main exchange received.",
         _topology_table(sourced_archived),
+        "## Hydrated objects",
+        "`webhook-bridge hydrate` ([Hydration](../explanation/hydration.md)) publishes the "
+        "object behind each hydratable event to the topic exchange `<exchange>.objects`: "
+        "the API's exact bytes, persistent, `mandatory`, confirmed, with the event's type as "
+        "routing key and `type`, `content-type` `application/json`, and these headers. A "
+        "failure record on `<exchange>.objects.failed` is the event's message (bytes, "
+        "properties and headers) with the last two added.",
+        _hydration_headers_table(),
+        f"What the worker declares at start-up (with {code(env_name('declare_topology'))} true):",
+        _hydration_topology_table(
+            HydrateSettings(openai_api_key="sk-documentation", hydrate_metrics_port=0)
+        ),
     )

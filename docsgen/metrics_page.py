@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.metrics import MetricWrapperBase
 
-from bridge.metrics import MULTIPROCESS_DIR_VARIABLE, Metrics
+from bridge.metrics import MULTIPROCESS_DIR_VARIABLE, HydrationMetrics, Metrics
 from docsgen.markdown import code, page, prose, table
 
 # The series prometheus_client exposes for each type of metric.
@@ -48,6 +48,17 @@ def bridge_metrics() -> list[MetricWrapperBase]:
     return [found[name] for name in sorted(found)]
 
 
+def hydration_metrics() -> list[MetricWrapperBase]:
+    """The metric objects of a fresh :class:`bridge.metrics.HydrationMetrics`, by name."""
+    metrics = HydrationMetrics()
+    found = {
+        value._name: value
+        for value in vars(metrics).values()
+        if isinstance(value, MetricWrapperBase)
+    }
+    return [found[name] for name in sorted(found)]
+
+
 def kind(metric: MetricWrapperBase) -> str:
     """``counter``, ``gauge`` or ``histogram``."""
     return str(metric._type)
@@ -83,17 +94,20 @@ def _across_workers(metric: MetricWrapperBase) -> str:
     return ACROSS_WORKERS[mode]
 
 
-def render() -> str:
-    rows = [
+def _rows(metrics: list[MetricWrapperBase], *, across_workers: bool) -> list[list[str]]:
+    return [
         [
             "<br>".join(code(name) for name in exposed_names(metric)),
             kind(metric),
             _labels(metric),
             prose(metric._documentation),
-            _across_workers(metric),
+            *([_across_workers(metric)] if across_workers else []),
         ]
-        for metric in bridge_metrics()
+        for metric in metrics
     ]
+
+
+def render() -> str:
     return page(
         "Metrics",
         "The bridge serves these in Prometheus' text format on `GET /metrics`. Series with a "
@@ -102,5 +116,12 @@ def render() -> str:
         "(`BRIDGE_WORKERS`), the workers share their values through files in a directory "
         f"the bridge creates and names in {code(MULTIPROCESS_DIR_VARIABLE)}, and any "
         "worker's `/metrics` reports them combined as the last column says.",
-        table(("Name", "Type", "Labels", "Help", "Across workers"), rows),
+        table(
+            ("Name", "Type", "Labels", "Help", "Across workers"),
+            _rows(bridge_metrics(), across_workers=True),
+        ),
+        "## The hydration worker",
+        "`webhook-bridge hydrate` serves these on its own `/metrics` "
+        "(`BRIDGE_HYDRATE_METRICS_PORT`), one process per worker.",
+        table(("Name", "Type", "Labels", "Help"), _rows(hydration_metrics(), across_workers=False)),
     )

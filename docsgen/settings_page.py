@@ -8,8 +8,9 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 from bridge.consumer import ConsumerSettings
+from bridge.hydrate import HydrateSettings
 from bridge.setting_docs import SettingDoc, setting_docs
-from bridge.setting_names import valid_setting_names
+from bridge.setting_names import hydration_setting_names, valid_setting_names
 from bridge.settings import DEFAULT_SECRETS_DIR, SECRETS_DIR_VARIABLE, Settings, env_name
 from docsgen.markdown import bounds, code, page, prose, table
 
@@ -37,7 +38,7 @@ def undescribed_settings() -> list[str]:
     """Variables whose meaning the code does not say (an empty cell on the page)."""
     return sorted(
         env_name(name)
-        for model in (Settings, ConsumerSettings)
+        for model in (Settings, ConsumerSettings, HydrateSettings)
         for name, field in model.model_fields.items()
         if not described(field, name)
     )
@@ -78,7 +79,11 @@ def _rows(model: type[BaseSettings]) -> list[list[str]]:
 
 
 def render() -> str:
-    other = sorted(valid_setting_names() - {env_name(name) for name in Settings.model_fields})
+    other = sorted(
+        valid_setting_names()
+        - {env_name(name) for name in Settings.model_fields}
+        - hydration_setting_names()
+    )
     if missing := [name for name in other if name not in OTHER_NAMES]:
         raise ValueError(f"describe {', '.join(missing)} in docsgen/settings_page.py OTHER_NAMES")
     headings = ("Variable", "Type", "Allowed", "Default", "Meaning")
@@ -95,6 +100,12 @@ def render() -> str:
         "The consumer library and the `consume` command read these, with the same meaning "
         "as the bridge's; no webhook secret is needed unless signatures are re-checked.",
         table(headings, _rows(ConsumerSettings)),
+        "## The hydration worker (`webhook-bridge hydrate`)",
+        "The worker reads the bridge's broker settings with the same meaning, its own "
+        "hydration settings, and OpenAI's own variables for the API, as "
+        "openai-python reads them (see [Hydration](../explanation/hydration.md)). "
+        "`OPENAI_API_KEY` may be a file in the secrets directory.",
+        table(headings, _rows(HydrateSettings)),
         "## Where settings are read from",
         table(
             ("Variable", "Default", "Meaning"),

@@ -63,6 +63,7 @@ PROFILE_EXTRAS: dict[str, tuple[str, ...]] = {"plain": (), "redis": ("redis",), 
 # bridge.extras.MissingExtraError naming the extra. Every other module imports anywhere.
 EXTRA_MODULES = {
     "bridge.dedup.redis_store": "redis",
+    "bridge.hydrate.api": "hydrate",
     "bridge.tracing.api": "otel",
     "bridge.tracing.otel": "otel",
 }

@@ -1,15 +1,21 @@
-"""A local stand-in of OpenAI's webhook-endpoint API (``/v1/webhook_endpoints``).
+"""A local stand-in of OpenAI's API: the webhook endpoints (``/v1/webhook_endpoints``) and
+the ``GET`` of every object an event can name (``/v1/batches/{id}`` and the others of
+:mod:`bridge.hydrate.mapping`).
 
 Routes, request bodies and answers follow openai 3.57.0's ``webhooks`` resource and its
 ``WebhookEndpoint*`` types (``tests/test_endpoints.py`` drives it with the real SDK to keep
-it so). ``test`` really delivers a signed sample event to the endpoint's URL, signed with
-every secret OpenAI would still accept, and reports the status it got back.
+it so), and its retrieve methods for objects (``tests/test_hydrate.py``). ``test`` really
+delivers a signed sample event to the endpoint's URL, signed with every secret OpenAI would
+still accept, and reports the status it got back. Objects are answered with the exact
+bytes a test stored; a test can have a path answer error statuses or answer late first.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
 import secrets
 import time
 import uuid
@@ -22,6 +28,7 @@ from aiohttp import web
 from yarl import URL
 
 from bridge.endpoints import SUBSCRIBABLE_EVENT_TYPES
+from bridge.hydrate.mapping import AGENTS_BETA_HEADER, HYDRATIONS
 from bridge.signature import decode_secret, sign
 
 OLD_SECRET_GRACE_SECONDS = 24 * 3600
@@ -76,6 +83,26 @@ class OpenAIStandIn:
     rate_limited_calls: int = 0
     retry_after: str = "7"
     clock: Callable[[], float] = time.time
+    objects: dict[str, list[bytes]] = field(default_factory=dict)
+    """Object bodies by API path (``/v1/batches/batch_x``): each call answers the next,
+    and the last one from then on (a stale read, then the fresh one)."""
+    failures: dict[str, list[int]] = field(default_factory=dict)
+    """Statuses a path answers, one a call, before its object."""
+    delays: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds a path's calls wait before answering, one a call."""
+    any_object: bool = False
+    """Answer a path with no object stored with a made-up one (a demonstration's events
+    name objects nobody stored), ``status`` ``completed``."""
+    any_key: bool = False
+    """Take any bearer key (a demonstration has no key to share)."""
+
+    def store_object(self, path: str, *bodies: bytes) -> None:
+        self.objects[f"/v1{path}"] = list(bodies)
+
+    def object_calls(self, path: str) -> int:
+        return sum(
+            1 for method, called, _ in self.requests if (method, called) == ("GET", f"/v1{path}")
+        )
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._recorded, self._authenticated])
@@ -86,6 +113,8 @@ class OpenAIStandIn:
         app.router.add_delete("/v1/webhook_endpoints/{id}", self._delete)
         app.router.add_post("/v1/webhook_endpoints/{id}/test", self._test)
         app.router.add_post("/v1/webhook_endpoints/{id}/rotate_secret", self._rotate_secret)
+        for path in dict.fromkeys(hydration.path for hydration in HYDRATIONS):
+            app.router.add_get("/v1" + path, self._object)
         return app
 
     def add_endpoint(self, *, name: str = "bridge", url: str = "https://example.test/") -> str:
@@ -109,7 +138,10 @@ class OpenAIStandIn:
 
     @web.middleware
     async def _authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        authorization = request.headers.get("Authorization", "")
+        if not (self.any_key and authorization.startswith("Bearer ")) and (
+            authorization != f"Bearer {self.api_key}"
+        ):
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
         if self.rate_limited_calls > 0:
             self.rate_limited_calls -= 1
@@ -213,6 +245,27 @@ class OpenAIStandIn:
             }
         )
 
+    async def _object(self, request: web.Request) -> web.Response:
+        path = request.path
+        if path.startswith("/v1/agents/"):
+            [(name, value)] = AGENTS_BETA_HEADER.items()
+            if value not in request.headers.get(name, ""):
+                raise _ErrorAnswer(400, f"The Agents API needs the header {name}: {value}.")
+        delays = self.delays.get(path)
+        if delays:
+            await asyncio.sleep(delays.pop(0))
+        failures = self.failures.get(path)
+        if failures:
+            status = failures.pop(0)
+            raise _ErrorAnswer(status, f"The stand-in answers {status} here.")
+        bodies = self.objects.get(path)
+        if not bodies and self.any_object:
+            bodies = [_made_up_object(path, int(self.clock()))]
+        if not bodies:
+            raise _ErrorAnswer(404, f"No object found at '{path}'.")
+        body = bodies.pop(0) if len(bodies) > 1 else bodies[0]
+        return web.Response(body=body, content_type="application/json")
+
     async def deliver(self, endpoint: StoredEndpoint, event_type: str) -> int:
         """POST one signed sample event to the endpoint, as OpenAI's test delivery does.
 
@@ -249,6 +302,40 @@ class OpenAIStandIn:
                 return response.status
         except (aiohttp.ClientError, TimeoutError):
             return 0
+
+
+_OBJECT_TYPES = {
+    "batches": "batch",
+    "responses": "response",
+    "jobs": "fine_tuning.job",
+    "videos": "video",
+    "sessions": "agent.session",
+    "environments": "agent.environment",
+    "alerts": "safety.alert",
+    "cases": "safety.case",
+}
+
+
+def _made_up_object(path: str, now: int) -> bytes:
+    collection, object_id = path.rstrip("/").split("/")[-2:]
+    document = {
+        "id": object_id,
+        "object": _OBJECT_TYPES[collection],
+        "status": "completed",
+        "created_at": now,
+    }
+    return json.dumps(document, indent=2).encode()
+
+
+def main() -> None:
+    """Serve the stand-in on ``STANDIN_PORT`` (default 9090), answering any key and any
+    object id: the compose demonstration's OpenAI API."""
+    state = OpenAIStandIn(any_object=True, any_key=True)
+    web.run_app(
+        state.app(),
+        host="0.0.0.0",
+        port=int(os.environ.get("STANDIN_PORT", "9090")),
+    )
 
 
 def _error_document(message: str, code: str | None) -> dict[str, Any]:
@@ -292,3 +379,7 @@ def _event_types(value: object) -> list[str]:
     if unknown:
         raise _ErrorAnswer(400, f"Invalid value for 'event_types': {unknown[0]!r}.")
     return [str(item) for item in value]
+
+
+if __name__ == "__main__":
+    main()

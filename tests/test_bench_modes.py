@@ -187,3 +187,20 @@ def _command_name(pid: int) -> str | None:
     except OSError:
         return None
     return "python" if name.startswith("python") else name
+
+
+def test_the_hydration_mode_measures_a_worker_beside_a_plain_consumer(tmp_path: Path) -> None:
+    run = run_bench(
+        *("--hydrate", "60", "--amqp-url", AMQP_URL, "--results", str(tmp_path)), timeout=170
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "hydrate-latest.json").read_text())
+    assert result["events"] == 60
+    for figure in (
+        "objects_per_second",
+        "hydrate_cpu_ms_per_event",
+        "consume_cpu_ms_per_event",
+        "consume_events_per_second",
+    ):
+        assert result[figure] > 0, figure
+    assert "Hydration adds" in (tmp_path / "hydrate-latest.md").read_text()

@@ -29,7 +29,7 @@ from tests.pins import CONSTRAINTS, IMAGE_CONSTRAINTS, Pin, read_pins, regenerat
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = canonicalize_name(PYPROJECT["project"]["name"])
-IMAGE_EXTRAS = ("otel", "redis")
+IMAGE_EXTRAS = ("otel", "redis", "hydrate")
 
 # Where each file's pins must hold: CI and development, and the image (bookworm's own python3
 # in tests/test_image.py, the official python image in production).

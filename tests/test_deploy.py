@@ -59,6 +59,7 @@ INGRESS = "openai.webhooks.ingress"
 ARCHIVE = "openai.webhooks.archive"
 BRIDGE_USER = "webhook-bridge"
 CONSUMER_USER = "webhook-consumer"
+HYDRATE_USER = "webhook-hydrate"
 
 # Oldest Kubernetes minor we claim to support, plus the newest the installed schemas know.
 OLDEST_KUBERNETES = "1.30"
@@ -654,7 +655,7 @@ def test_compose_init_sets_passwords_from_the_urls(tmp_path: Path) -> None:
     init = _service("rabbitmq-init")
     assert init["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     assert ".env.bridge" in _env_files(init)
-    for service in ("bridge", "consumer"):
+    for service in ("bridge", "consumer", "hydrate"):
         condition = _service(service)["depends_on"]["rabbitmq-init"]["condition"]
         assert condition == "service_completed_successfully"
     entrypoint = init["entrypoint"]
@@ -665,12 +666,14 @@ def test_compose_init_sets_passwords_from_the_urls(tmp_path: Path) -> None:
         "PATH": f"{tmp_path}:{os.environ['PATH']}",
         "BRIDGE_AMQP_URL": "amqp://webhook-bridge:b1d9e2@rabbitmq:5672/",
         "WEBHOOK_CONSUMER_AMQP_URL": "amqp://webhook-consumer:c0ffee42@rabbitmq:5672/%2F",
+        "WEBHOOK_HYDRATE_AMQP_URL": "amqp://webhook-hydrate:5eed77@rabbitmq:5672/",
     }
     subprocess.run([*entrypoint, script], env=env, check=True, timeout=30)
     assert log.read_text().splitlines() == [
         "--node rabbit@rabbitmq await_startup",
         "--node rabbit@rabbitmq change_password webhook-bridge b1d9e2",
         "--node rabbit@rabbitmq change_password webhook-consumer c0ffee42",
+        "--node rabbit@rabbitmq change_password webhook-hydrate 5eed77",
     ]
 
     log.unlink()
@@ -942,6 +945,7 @@ class ImportedDefinitions:
     consumer_username: str
     consumer_password: str
     consumer_amqp_url: str
+    hydrate_amqp_url: str
 
 
 def _rabbitmqctl(*args: str, check: bool = True, stdin: str | None = None) -> str:
@@ -1038,7 +1042,7 @@ def _import_definitions(*, set_passwords: bool) -> Iterator[ImportedDefinitions]
         if set_passwords:
             for user, password in passwords.items():
                 _rabbitmqctl("change_password", user, password)
-        bridge, consumer = users[BRIDGE_USER], users[CONSUMER_USER]
+        bridge, consumer, hydrate = users[BRIDGE_USER], users[CONSUMER_USER], users[HYDRATE_USER]
         yield ImportedDefinitions(
             vhost=vhost,
             username=bridge,
@@ -1047,6 +1051,7 @@ def _import_definitions(*, set_passwords: bool) -> Iterator[ImportedDefinitions]
             consumer_username=consumer,
             consumer_password=passwords[consumer],
             consumer_amqp_url=_amqp_url(consumer, passwords[consumer], vhost),
+            hydrate_amqp_url=_amqp_url(hydrate, passwords[hydrate], vhost),
         )
     finally:
         _rabbitmqctl("delete_vhost", vhost, check=False)
@@ -1170,6 +1175,10 @@ def test_definitions_import_into_rabbitmq(imported_definitions: ImportedDefiniti
             QUARANTINE: "1",
             DEAD_LETTER: "0",
             ARCHIVE: "3",  # the two through the ingress, and the quarantined one
+            # batch.completed is hydratable: it waits for the hydration worker too.
+            f"{EXCHANGE}.hydrate": "1",
+            f"{EXCHANGE}.objects.unrouted": "0",
+            f"{EXCHANGE}.objects.failed": "0",
         }
 
     _wait_for(delivered, "one message each in the example, unrouted and quarantine queues")
@@ -1212,9 +1221,10 @@ async def test_bridge_with_operator_managed_topology_becomes_ready_and_publishes
     )
     await bridge.wait_ready()
     batch = sample_body("batch.completed")
-    response = sample_body("response.completed")
+    # Bound by no queue of the definitions (response.* is: the hydration queue's).
+    unbound = sample_body("eval.run.succeeded")
     async with aiohttp.ClientSession() as session:
-        for body in (batch, response):
+        for body in (batch, unbound):
             async with session.post(bridge.url, data=body, headers=signer.headers(body)) as answer:
                 assert answer.status == 200
 
@@ -1231,5 +1241,5 @@ async def test_bridge_with_operator_managed_topology_becomes_ready_and_publishes
         await inspector.close()
     assert batch_message.body == batch
     assert batch_message.routing_key == "batch.completed"
-    assert unrouted_message.body == response
+    assert unrouted_message.body == unbound
     assert "topology checked" in bridge.log_path.read_text()

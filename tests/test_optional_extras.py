@@ -1,6 +1,6 @@
-"""Without the ``otel`` and ``redis`` extras' packages, in this virtualenv.
+"""Without the ``otel``, ``redis`` and ``hydrate`` extras' packages, in this virtualenv.
 
-Each check runs in a fresh interpreter where ``opentelemetry`` and ``redis`` cannot be
+Each check runs in a fresh interpreter where ``opentelemetry``, ``redis`` and ``openai`` cannot be
 imported (``sys.modules[name] = None``, which is how Python reports a missing top-level
 package to ``import`` and to ``importlib.util.find_spec``). tests/test_install_profiles.py
 checks the same on real installs of the wheel; these run in a second.
@@ -9,6 +9,8 @@ checks the same on real installs of the wheel; these run in a second.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from tests.install_profiles import EXTRA_MODULES, IMPORT_EVERY_MODULE
 
 WITHOUT_THE_EXTRAS = """
 import sys
-for package in ("opentelemetry", "redis"):
+for package in ("opentelemetry", "redis", "openai"):
     sys.modules[package] = None
 """
 
@@ -113,3 +115,29 @@ except ImportError as error:
         "MissingExtraError RedisIdempotencyStore needs the 'redis' extra: "
         "pip install 'openai-webhook-bridge[redis]'\n"
     )
+
+
+def test_hydrate_stops_with_one_line_naming_its_extra(tmp_path: Path) -> None:
+    done = without_the_extras(
+        "import sys; from bridge.cli import main; sys.exit(main(['hydrate']))",
+        tmp_path,
+        env={
+            "PATH": os.environ["PATH"],
+            "OPENAI_API_KEY": "sk-test-" + secrets.token_hex(8),
+            "BRIDGE_HYDRATE_METRICS_PORT": "0",
+        },
+    )
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "webhook-bridge: webhook-bridge hydrate needs the 'hydrate' extra: "
+        "pip install 'openai-webhook-bridge[hydrate]'\n"
+    )
+
+
+def test_objects_are_plain_json_without_the_sdk(tmp_path: Path) -> None:
+    done = without_the_extras(
+        "from bridge.consumer.objects import as_sdk_object\n"
+        "print(as_sdk_object({'object': 'batch', 'id': 'batch_1'}))",
+        tmp_path,
+    )
+    assert (done.returncode, done.stdout) == (0, "{'object': 'batch', 'id': 'batch_1'}\n")

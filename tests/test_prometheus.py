@@ -19,16 +19,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
+from aio_pika.abc import ExchangeType
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from yarl import URL
 
 from bridge.events import KNOWN_EVENT_TYPES
+from bridge.hydrate import HydrateSettings
+from bridge.hydrate.service import openai_fetcher
+from bridge.hydrate.worker import HydrationWorker, operations_app
+from bridge.metrics import HydrationMetrics
 from bridge.replay.pushgateway import push_summary
 from bridge.replay.run import ReplaySummary
 from bridge.samples import sample_body
-from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, free_port, post_webhook
+from tests.conftest import (
+    AMQP_URL,
+    BridgeProcess,
+    Broker,
+    Signer,
+    free_port,
+    post_webhook,
+    unique_name,
+)
 from tests.monitoring import (
     dashboard_queries,
     dashboard_recording_rules,
@@ -37,6 +52,7 @@ from tests.monitoring import (
     rule_groups,
     write_yaml,
 )
+from tests.openai_standin import OpenAIStandIn
 
 pytestmark = [
     pytest.mark.broker,
@@ -52,6 +68,15 @@ TARGET_LABELS = {
 EVENT_TYPES = ("batch.completed", "response.completed", "fine_tuning.job.succeeded")
 # The dashboard's only panel fed by another process: `replay --pushgateway`.
 PUSHED_ONLY_PANELS = {"Replay runs (last push per source)"}
+# The Hydration row reads the hydration worker's /metrics, which the bridge's Prometheus
+# does not scrape: test_prometheus_sees_what_the_hydration_worker_did checks it.
+WORKER_PANELS = {
+    "Hydrations by result",
+    "Hydration backlog",
+    "API latency",
+    "API retries",
+    "Rate-limit waits",
+}
 
 
 @dataclass
@@ -100,7 +125,7 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def _prometheus(tmp_path: Path, bridge_port: int) -> Iterator[Prometheus]:
+def _prometheus(tmp_path: Path, bridge_port: int, job: str = JOB) -> Iterator[Prometheus]:
     rules = write_yaml(tmp_path / "alerts.yaml", rule_groups())
     dashboard_rules = write_yaml(tmp_path / "dashboard.yaml", dashboard_recording_rules())
     config = {
@@ -108,7 +133,7 @@ def _prometheus(tmp_path: Path, bridge_port: int) -> Iterator[Prometheus]:
         "rule_files": [str(rules), str(dashboard_rules)],
         "scrape_configs": [
             {
-                "job_name": JOB,
+                "job_name": job,
                 "static_configs": [
                     {"targets": [f"127.0.0.1:{bridge_port}"], "labels": TARGET_LABELS}
                 ],
@@ -264,7 +289,9 @@ async def _check_dashboard_queries(prometheus: Prometheus) -> None:
     for title, expr in dashboard_queries(rate_interval="1m"):
         results.setdefault(title, []).append(await prometheus.query(expr))
     empty = {title for title, answers in results.items() if not any(answers)}
-    assert empty <= PUSHED_ONLY_PANELS, f"panels without data from a live bridge: {empty}"
+    assert empty <= PUSHED_ONLY_PANELS | WORKER_PANELS, (
+        f"panels without data from a live bridge: {empty}"
+    )
 
     def values(title: str, label: str) -> dict[str, float]:
         (answer,) = results[title]
@@ -322,7 +349,87 @@ async def test_rules_and_dashboard_name_only_exported_metrics(
         session.get(f"http://127.0.0.1:{bridge.port}/metrics") as response,
     ):
         exposition = await response.text()
-    exported = exposed_series_names(exposition) | await _replay_series_names()
+    hydration = exposed_series_names(HydrationMetrics().exposition().decode())
+    exported = exposed_series_names(exposition) | await _replay_series_names() | hydration
     queried = queried_metric_names()
     assert "webhook_bridge_replay_messages_total" in queried
+    assert "webhook_bridge_hydrate_backlog" in queried
     assert queried - exported == set()
+
+
+async def test_prometheus_sees_what_the_hydration_worker_did(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """One object published and one recorded as failed, seen by a real Prometheus scraping
+    a real worker: every panel of the Hydration row has data, and no alert fires."""
+    standin = OpenAIStandIn()
+    api = TestServer(standin.app(), host="127.0.0.1")
+    await api.start_server()
+    exchange = unique_name("test.hydrate")
+    await broker.channel.declare_exchange(exchange, ExchangeType.TOPIC, durable=True)
+    settings = HydrateSettings(
+        amqp_url=AMQP_URL,
+        exchange=exchange,
+        openai_api_key=standin.api_key,
+        openai_base_url=str(api.make_url("/v1")),
+        hydrate_metrics_port=0,
+    )
+    names = settings.names
+    broker.created_exchanges += [exchange, names.objects, names.objects_unrouted, names.failed]
+    broker.created_queues += [names.queue, names.objects_unrouted, names.failed]
+    standin.store_object(
+        "/batches/batch_found", b'{"id":"batch_found","object":"batch","status":"completed"}'
+    )
+    worker = HydrationWorker(settings, openai_fetcher(settings))
+    running = asyncio.create_task(worker.run())
+    port = free_port()
+    operations = web.AppRunner(operations_app(worker))
+    await operations.setup()
+    await web.TCPSite(operations, "127.0.0.1", port).start()
+    try:
+        while not worker.ready:
+            assert not running.done()
+            await asyncio.sleep(0.05)
+        with _prometheus(tmp_path, port, job="webhook-bridge-hydrate") as prometheus:
+            published = (
+                'webhook_bridge_hydrations_total{event_type="batch.completed", result="published"}'
+            )
+            await prometheus.wait_for(published, lambda result: len(result) == 1)
+            target = await broker.channel.get_exchange(exchange, ensure=False)
+            for object_id in ("batch_found", "batch_missing"):
+                body = sample_body("batch.completed", overrides={"data.id": object_id})
+                await target.publish(
+                    aio_pika.Message(body, message_id=f"wh_{object_id}"), "batch.completed"
+                )
+            await prometheus.wait_for(
+                'sum by (result) (webhook_bridge_hydrations_total{event_type="batch.completed"})',
+                lambda result: (
+                    {s["metric"]["result"]: s["value"][1] for s in result}
+                    == {"published": "1", "stale": "0", "failed": "1", "requeued": "0"}
+                ),
+            )
+            await prometheus.wait_for(
+                "sum(webhook_bridge_hydrate_api_seconds_count)",
+                lambda result: bool(result) and result[0]["value"][1] == "2",
+            )
+            panels = [
+                (t, e) for t, e in dashboard_queries(rate_interval="1m") if t in WORKER_PANELS
+            ]
+            assert {title for title, _ in panels} == WORKER_PANELS
+            for _, expr in panels:
+                await prometheus.wait_for(expr, bool)
+            firing = await _firing(prometheus)
+            assert not {
+                "WebhookBridgeHydrationBacklogGrowing",
+                "WebhookBridgeHydrationKeyRefused",
+            } & set(firing)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, 60)
+        await operations.cleanup()
+        await api.close()
+
+
+async def _firing(prometheus: Prometheus) -> list[str]:
+    answer = await prometheus.api("alerts")
+    return [alert["labels"]["alertname"] for alert in answer["alerts"]]

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
 
-from bridge.cli import asyncapi, consume, endpoints, replay, secret, serve, trigger
+from bridge.cli import asyncapi, consume, endpoints, hydrate, replay, secret, serve, trigger
 from bridge.cli.arguments import CommandParser, examples
 from bridge.settings import SettingsError
 
-COMMANDS = (serve, trigger, consume, endpoints, replay, secret, asyncapi)
+COMMANDS = (serve, trigger, consume, hydrate, endpoints, replay, secret, asyncapi)
 
 
 def build_parser() -> argparse.ArgumentParser:

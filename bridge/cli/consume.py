@@ -28,6 +28,8 @@ from bridge.consumer import (
     Delivery,
     EventConsumer,
     ExchangeNotFoundError,
+    ObjectConsumer,
+    ObjectDelivery,
     VerifySecrets,
     WebhookEvent,
 )
@@ -52,6 +54,7 @@ def add_parser(commands: Commands) -> None:
             "webhook-bridge consume '#.failed' | jq -r '.type + \" \" + .data.id'",
             "webhook-bridge consume 'response.*' --since 2h",
             "webhook-bridge consume 'batch.*' --source prod",
+            "webhook-bridge consume --objects 'batch.*'",
         ),
     )
     consume_parser.add_argument(
@@ -69,6 +72,12 @@ def add_parser(commands: Commands) -> None:
         "--json",
         action="store_true",
         help="print each message body as one JSON line (the default when stdout is not a terminal)",
+    )
+    consume_parser.add_argument(
+        "--objects",
+        action="store_true",
+        help="print the objects `webhook-bridge hydrate` fetched for the events (from "
+        "<exchange>.objects) instead of the events",
     )
     consume_parser.add_argument(
         "--verify",
@@ -114,8 +123,24 @@ def _consume_command(args: argparse.Namespace) -> int:
     if args.verify:
         settings = load_settings(**overrides, **webhook_secret_override(args))
         verify_secrets = settings.verification_secrets(source=source)
-    consumer: EventConsumer | ArchiveFollower
-    if args.since is not None:
+    consumer: EventConsumer | ArchiveFollower | ObjectConsumer
+    if args.objects:
+        if args.verify or args.since is not None or args.until is not None or source is not None:
+            print(
+                "webhook-bridge: consume: --objects reads objects, which carry no signature, "
+                "are not archived and share one exchange across sources; not with --verify, "
+                "--since, --until or --source",
+                file=sys.stderr,
+            )
+            return 2
+        consumer = ObjectConsumer(
+            broker.amqp_url.get_secret_value(),
+            exchange=broker.exchange,
+            patterns=args.patterns,
+            queue=args.queue,
+            ca_file=broker.amqp_ca_file,
+        )
+    elif args.since is not None:
         if args.queue is not None:
             print(
                 "webhook-bridge: consume: --since reads the archive; not with --queue",
@@ -158,7 +183,10 @@ def _consume_command(args: argparse.Namespace) -> int:
 
 
 async def consume(
-    consumer: EventConsumer | ArchiveFollower, *, count: int | None, json_lines: bool
+    consumer: EventConsumer | ArchiveFollower | ObjectConsumer,
+    *,
+    count: int | None,
+    json_lines: bool,
 ) -> int:
     """Print events until ``count`` of them arrived, or until SIGTERM or SIGINT."""
     stop = asyncio.Event()
@@ -176,7 +204,10 @@ async def consume(
 
 
 async def _print_events(
-    consumer: EventConsumer | ArchiveFollower, *, count: int | None, json_lines: bool
+    consumer: EventConsumer | ArchiveFollower | ObjectConsumer,
+    *,
+    count: int | None,
+    json_lines: bool,
 ) -> int:
     try:
         async with consumer:
@@ -197,8 +228,9 @@ async def _print_events(
                 if received == count:
                     break
     except ExchangeNotFoundError as error:
+        declarer = "hydrate" if isinstance(consumer, ObjectConsumer) else "serve"
         print(
-            f"webhook-bridge: {error}; start `webhook-bridge serve` first (it declares it)",
+            f"webhook-bridge: {error}; start `webhook-bridge {declarer}` first (it declares it)",
             file=sys.stderr,
         )
         return 1
@@ -217,14 +249,26 @@ async def _print_events(
 _ROUTING_KEY_COLUMN = max(map(len, KNOWN_EVENT_TYPES))
 
 
-def _event_line(delivery: Delivery, *, json_lines: bool) -> bytes:
+def _event_line(delivery: Delivery | ObjectDelivery, *, json_lines: bool) -> bytes:
     if json_lines:
         # Raw line breaks in valid JSON can only be whitespace between tokens.
         return delivery.body.replace(b"\r", b" ").replace(b"\n", b" ") + b"\n"
+    if isinstance(delivery, ObjectDelivery):
+        return _object_line(delivery)
     event = delivery.event
     return (
         f"{datetime.now():%H:%M:%S} {delivery.routing_key:<{_ROUTING_KEY_COLUMN}} {event.id} "
         f"{_subject(event)} {delivery.message_id or '-'}\n"
+    ).encode()
+
+
+def _object_line(delivery: ObjectDelivery) -> bytes:
+    obj = delivery.object
+    object_id = obj.get("id") if isinstance(obj, dict) else getattr(obj, "id", None)
+    stale = " stale" if delivery.stale else ""
+    return (
+        f"{datetime.now():%H:%M:%S} {delivery.routing_key:<{_ROUTING_KEY_COLUMN}} "
+        f"{delivery.object_type or '-'} {object_id or '-'} {delivery.message_id or '-'}{stale}\n"
     ).encode()
 
 

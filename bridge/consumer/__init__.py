@@ -10,6 +10,9 @@ which moves them to the dead-letter exchange when the queue has one::
         async for delivery in consumer:
             ...
             await delivery.ack()
+
+:class:`ObjectConsumer` reads ``<exchange>.objects`` the same way, where
+``webhook-bridge hydrate`` publishes the object behind each event.
 """
 
 from bridge.consumer.broker import (
@@ -32,6 +35,7 @@ from bridge.consumer.delivery import (
     stored_message_verifier,
 )
 from bridge.consumer.event_consumer import DEFAULT_DELIVERY_LIMIT, EventConsumer, _consumer_spans
+from bridge.consumer.objects import ObjectConsumer, ObjectDelivery
 from bridge.consumer.retry import RETRY_COUNT_HEADER, ROUTING_KEY_HEADER, retry_queue_name
 from bridge.consumer.stores import IdempotencyStore, InMemoryIdempotencyStore
 from bridge.dedup.store import ClaimState
@@ -49,6 +53,8 @@ __all__ = [
     "Handler",
     "IdempotencyStore",
     "InMemoryIdempotencyStore",
+    "ObjectConsumer",
+    "ObjectDelivery",
     "PatternReader",
     "PerSourceVerifier",
     "VerifySecrets",

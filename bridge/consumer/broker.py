@@ -8,7 +8,7 @@ import contextlib
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
@@ -26,9 +26,6 @@ from bridge.settings import (
     default_secrets_dir,
     settings_error,
 )
-
-if TYPE_CHECKING:
-    from bridge.consumer.delivery import Delivery
 
 CONNECTION_NAME = "openai-webhook-bridge consumer"
 ConnectionT = TypeVar("ConnectionT")
@@ -130,7 +127,7 @@ async def require_exchange(connection: AbstractRobustConnection, name: str) -> N
 
 
 async def close_deliveries(
-    stream: AsyncGenerator[Delivery, None] | None,
+    stream: AsyncGenerator[object, None] | None,
     connection: AbstractConnection | None,
     close_timeout: float,
 ) -> None:

@@ -83,7 +83,8 @@ class EventConsumer(PatternReader):
     already handled, and hands a message whose id another replica is handling back
     to the queue ``busy_retry_seconds`` later, through a retry queue (see
     :mod:`bridge.consumer.retry`). ``ca_file`` verifies an ``amqps://`` broker
-    against that CA bundle instead of the system's.
+    against that CA bundle instead of the system's. ``declare=False`` takes the named
+    queue as it is, declared with its bindings elsewhere, and only checks that it exists.
     """
 
     def __init__(
@@ -104,8 +105,11 @@ class EventConsumer(PatternReader):
         ca_file: str | Path | None = None,
         timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
+        declare: bool = True,
     ) -> None:
         super().__init__(exchange, patterns)
+        if not declare and not queue:
+            raise ValueError("a queue declared elsewhere needs its name")
         if isinstance(verify_secrets, str):
             raise ValueError("verify_secrets must be a list of secrets, not one string")
         if prefetch < 1:
@@ -133,6 +137,7 @@ class EventConsumer(PatternReader):
         self._ca_file = ca_file
         self._timeout = timeout
         self._clock = clock
+        self._declare = declare
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -168,7 +173,7 @@ class EventConsumer(PatternReader):
                 await channel.set_qos(prefetch_count=self._prefetch)
                 queue = await self._declare_queue(channel)
             named = self._queue_name is not None
-            if named and not self._dead_letter_exchange:
+            if named and self._declare and not self._dead_letter_exchange:
                 logger.warning(
                     "queue %s has no dead-letter exchange: the messages it rejects are dropped",
                     queue.name,
@@ -295,6 +300,8 @@ class EventConsumer(PatternReader):
         return arguments
 
     async def _declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+        if not self._declare:
+            return await channel.declare_queue(self._queue_name, passive=True)
         if self._dead_letter_exchange:
             await self._declare_dead_letters(channel, self._dead_letter_exchange)
         named = self._queue_name is not None

@@ -1,0 +1,193 @@
+"""The hydration worker's settings: ``BRIDGE_*`` shared with the bridge, ``hydrate_*`` fields
+of its own, and OpenAI's own variable names for the API (``OPENAI_API_KEY``,
+``OPENAI_BASE_URL``, ``OPENAI_ORG_ID`` and ``OPENAI_PROJECT_ID``, as openai-python reads
+them; ``OPENAI_ORGANIZATION`` and ``OPENAI_PROJECT`` are taken too)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from yarl import URL
+
+from bridge.extras import installed
+from bridge.settings import (
+    DEFAULT_EXCHANGE,
+    ENV_PREFIX,
+    LogFormat,
+    LogLevel,
+    QueueType,
+    Settings,
+    default_secrets_dir,
+    redact_url,
+    settings_error,
+)
+
+__all__ = ["HydrateSettings", "HydrationNames", "load_hydrate_settings"]
+
+API_KEY_VARIABLE = "OPENAI_API_KEY"
+
+
+class HydrationNames:
+    """The queue and exchanges of hydration, named after the main exchange."""
+
+    def __init__(self, exchange: str) -> None:
+        self.exchange = exchange
+        self.queue = f"{exchange}.hydrate"
+        self.objects = f"{exchange}.objects"
+        self.objects_unrouted = f"{exchange}.objects.unrouted"
+        self.failed = f"{exchange}.objects.failed"
+
+
+class HydrateSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
+        populate_by_name=True,
+    )
+
+    amqp_url: SecretStr = Settings.model_fields["amqp_url"].default
+    amqp_ca_file: Path | None = None
+    exchange: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_EXCHANGE
+    queue_type: QueueType = Field(
+        default="quorum",
+        description="Type of the queues of unroutable objects and failure records (the "
+        "hydration queue itself is always a quorum queue).",
+    )
+    declare_topology: bool = True
+    publish_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=5.0,
+        description="Seconds to wait for the broker's confirm of a publish, and for each "
+        "broker call.",
+    )
+    log_level: LogLevel = "INFO"
+    log_format: LogFormat = "auto"
+    openai_api_key: SecretStr = Field(
+        validation_alias=AliasChoices(API_KEY_VARIABLE),
+        description="The API key objects are fetched with (OpenAI's own variable name).",
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL"),
+        description="The API's base URL; unset: https://api.openai.com/v1.",
+    )
+    openai_organization: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_ORG_ID", "OPENAI_ORGANIZATION"),
+        description="The organization the calls are made for (OpenAI-Organization header); "
+        "also read from OPENAI_ORGANIZATION.",
+    )
+    openai_project: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_PROJECT_ID", "OPENAI_PROJECT"),
+        description="The project the calls are made for (OpenAI-Project header); also read "
+        "from OPENAI_PROJECT.",
+    )
+    hydrate_rate: Annotated[float, Field(gt=0, le=10_000)] = Field(
+        default=5.0,
+        description="API calls per second, for the whole worker; a 429 pauses every call "
+        "for its Retry-After.",
+    )
+    hydrate_concurrency: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=8,
+        description="Events hydrated at once (and unacknowledged messages held) per worker.",
+    )
+    hydrate_api_timeout: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=30.0,
+        description="Seconds one API call may take before it counts as a timeout.",
+    )
+    hydrate_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=5,
+        description="Calls for one event answered 5xx or timing out before the event is "
+        "handed back to the queue, BRIDGE_HYDRATE_REQUEUE_DELAY later.",
+    )
+    hydrate_requeue_delay: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        default=60.0,
+        description="Seconds an event the API kept failing for waits (in a retry queue) "
+        "before it is tried again.",
+    )
+    hydrate_requeues: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        default=60,
+        description="Hand-backs of one event before it is recorded as failed "
+        "(<exchange>.objects.failed).",
+    )
+    hydrate_stale_attempts: Annotated[int, Field(ge=0, le=20)] = Field(
+        default=3,
+        description="Fetches again, with back-off, of an object that does not yet show what "
+        "its event says; then it is published with x-object-stale: true.",
+    )
+    hydrate_backoff: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=0.5,
+        description="Seconds before the first retry of a failed or stale fetch; doubled at "
+        "each next one (with jitter), at most 30 s.",
+    )
+    hydrate_auth_retry: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=60.0,
+        description="While the API refuses the key (401), seconds between tries of it.",
+    )
+    hydrate_idempotency_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="redis:// or rediss:// URL of a Redis shared by all workers, to skip "
+        "events whose object was published; empty: this process only.",
+    )
+    hydrate_claim_ttl: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        default=600.0,
+        description="Seconds a worker's claim on an event outlives the worker (Redis "
+        "store): a redelivered copy waits this long after a crash before it is fetched.",
+    )
+    hydrate_host: str = Field(
+        default="0.0.0.0",  # noqa: S104  # a container must listen beyond loopback
+        description="The address of the worker's /healthz, /readyz and /metrics.",
+    )
+    hydrate_metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=8082,
+        description="The port of the worker's /healthz, /readyz and /metrics; 0: none.",
+    )
+
+    @field_validator("hydrate_idempotency_url")
+    @classmethod
+    def _redis_url(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value()
+        if not text:
+            return value
+        url = URL(text)
+        if url.scheme not in ("redis", "rediss") or not url.host:
+            raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
+        if not installed("redis"):
+            raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
+        return value
+
+    @field_validator("openai_api_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("is empty")
+        return value
+
+    def api_key_for(self, source: str | None) -> str:
+        """The API key for the events of ``source`` (their ``x-webhook-source`` header, or
+        ``None``): ``OPENAI_API_KEY`` for every source."""
+        return self.openai_api_key.get_secret_value()
+
+    @property
+    def names(self) -> HydrationNames:
+        return HydrationNames(self.exchange)
+
+    @property
+    def idempotency_url_redacted(self) -> str:
+        return redact_url(URL(self.hydrate_idempotency_url.get_secret_value()))
+
+
+def load_hydrate_settings(secrets_dir: Path | None = None, **overrides: Any) -> HydrateSettings:
+    """Read ``overrides``, the environment and secret files (``OPENAI_API_KEY`` among them)."""
+    secrets_dir = secrets_dir or default_secrets_dir()
+    directory = secrets_dir if secrets_dir.is_dir() else None
+    try:
+        return HydrateSettings(_secrets_dir=directory, **overrides)
+    except ValidationError as error:
+        raise settings_error(error) from None
