@@ -81,7 +81,8 @@ OBJECT_HEADER_MEANINGS = {
 }
 FAILURE_HEADER_MEANINGS = {
     FAILURE_HEADER: "Why the object could not be fetched: `not_found`, `forbidden`, `refused`, "
-    "`server_error`, `timeout`, `not_hydratable` or `not_an_object`.",
+    "`server_error`, `timeout`, `not_hydratable`, `not_an_object` or `unknown_source` (no API "
+    "key for the event's source).",
     FAILURE_STATUS_HEADER: "The API's HTTP status (`0`: no answer).",
 }
 

@@ -95,6 +95,8 @@ class OpenAIStandIn:
     name objects nobody stored), ``status`` ``completed``."""
     any_key: bool = False
     """Take any bearer key (a demonstration has no key to share)."""
+    other_api_keys: set[str] = field(default_factory=set)
+    """Keys taken besides ``api_key`` (several projects' keys)."""
 
     def store_object(self, path: str, *bodies: bytes) -> None:
         self.objects[f"/v1{path}"] = list(bodies)
@@ -139,8 +141,9 @@ class OpenAIStandIn:
     @web.middleware
     async def _authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         authorization = request.headers.get("Authorization", "")
+        taken = {f"Bearer {key}" for key in (self.api_key, *self.other_api_keys)}
         if not (self.any_key and authorization.startswith("Bearer ")) and (
-            authorization != f"Bearer {self.api_key}"
+            authorization not in taken
         ):
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
         if self.rate_limited_calls > 0:

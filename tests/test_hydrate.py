@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import openai
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, ExchangeType
 from aiohttp.test_utils import TestClient, TestServer
+from pydantic import ValidationError
 
 from bridge.consumer import ObjectConsumer, retry_queue_name
 from bridge.dedup.idempotency import RedisIdempotencyStore
@@ -47,6 +49,7 @@ from bridge.hydrate.worker import (
     operations_app,
 )
 from bridge.samples import sample_body
+from bridge.settings import SettingsError
 from tests.conftest import AMQP_URL, free_port, unique_name
 from tests.openai_standin import OpenAIStandIn
 from tests.redis_support import REDIS_URL, delete_prefixed, redis_client
@@ -472,6 +475,55 @@ async def test_a_missing_object_is_recorded_on_the_failed_exchange(hydrating: Hy
         assert record.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     assert await hydrating.depth(hydrating.objects_queue) == 0
     assert await hydrating.depth(settings.names.queue) == 0
+
+
+async def test_each_sources_events_are_fetched_with_its_projects_key(
+    hydrating: Hydrating, tmp_path: Path
+) -> None:
+    staging_key = "sk-staging-" + secrets.token_hex(8)
+    hydrating.standin.other_api_keys.add(staging_key)
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "staging" / "OPENAI_API_KEY").write_text(staging_key + "\n")
+    settings = hydrating.settings(openai_api_key="", sources="prod,staging")
+    settings.load_source_keys(tmp_path, {"OPENAI_API_KEY_PROD": hydrating.standin.api_key})
+    await hydrating.start_worker(settings)
+    prod = await hydrating.publish_hydratable("batch.completed", source="prod")
+    staging = await hydrating.publish_hydratable("batch.completed", source="staging")
+    unknown = await hydrating.publish_hydratable("batch.completed", source="research")
+    sourceless = await hydrating.publish_hydratable("batch.completed")
+
+    objects = {
+        message.message_id: message for message in await hydrating.take(hydrating.objects_queue, 2)
+    }
+    assert set(objects) == {prod.webhook_id, staging.webhook_id}
+    assert objects[staging.webhook_id].headers[SOURCE_HEADER] == "staging"
+    keys_by_path = {
+        path: headers["Authorization"] for _, path, headers in hydrating.standin.requests
+    }
+    assert keys_by_path[f"/v1/batches/{prod.object_id}"] == f"Bearer {hydrating.standin.api_key}"
+    assert keys_by_path[f"/v1/batches/{staging.object_id}"] == f"Bearer {staging_key}"
+    records = {
+        record.message_id: record for record in await hydrating.take(settings.names.failed, 2)
+    }
+    assert set(records) == {unknown.webhook_id, sourceless.webhook_id}
+    assert {record.headers[FAILURE_HEADER] for record in records.values()} == {"unknown_source"}
+    assert f"/v1/batches/{unknown.object_id}" not in keys_by_path
+
+
+def test_a_source_without_an_api_key_stops_the_worker_with_one_line(tmp_path: Path) -> None:
+    settings = HydrateSettings(sources="prod,staging", hydrate_metrics_port=0)
+    with pytest.raises(SettingsError) as refused:
+        settings.load_source_keys(tmp_path, {"OPENAI_API_KEY_PROD": "sk-prod"})
+    message = str(refused.value)
+    assert "staging" in message
+    assert "OPENAI_API_KEY_STAGING" in message
+    assert "\n" not in message
+    assert "sk-prod" not in message
+
+
+def test_without_sources_the_worker_needs_openai_api_key() -> None:
+    with pytest.raises(ValidationError, match="OPENAI_API_KEY is required"):
+        HydrateSettings(hydrate_metrics_port=0)
 
 
 async def test_a_stale_object_is_fetched_again_until_it_agrees(hydrating: Hydrating) -> None:

@@ -21,6 +21,7 @@ from bridge.hydrate.fetching import (
     ApiFailure,
     FailureKind,
     KeyLookup,
+    UnknownSource,
     retry_after_seconds,
 )
 from bridge.hydrate.mapping import Hydration
@@ -63,7 +64,11 @@ class OpenAIFetcher:
         return client
 
     async def fetch(self, hydration: Hydration, object_id: str, source: str | None) -> ApiAnswer:
-        retrieve = _raw_retrieve(self._client(source), hydration.sdk_method)
+        try:
+            client = self._client(source)
+        except UnknownSource as error:
+            raise ApiFailure(FailureKind.UNKNOWN_SOURCE, 0, str(error)) from None
+        retrieve = _raw_retrieve(client, hydration.sdk_method)
         try:
             response = await retrieve(object_id)
         except openai.APITimeoutError:

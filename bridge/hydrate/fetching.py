@@ -16,6 +16,7 @@ __all__ = [
     "FailureKind",
     "Fetcher",
     "KeyLookup",
+    "UnknownSource",
     "retry_after_seconds",
 ]
 
@@ -31,6 +32,8 @@ class FailureKind:
     UNAUTHORIZED = "unauthorized"
     REFUSED = "refused"
     """Any other 4xx: the request itself was refused (e.g. a malformed id)."""
+    UNKNOWN_SOURCE = "unknown_source"
+    """No API key for the event's source: no call was made."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,18 @@ class ApiAnswer:
 
     body: bytes
     status: int
+
+
+class UnknownSource(Exception):
+    """Events of a source the worker has no API key for."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        super().__init__(
+            "events without a source need OPENAI_API_KEY"
+            if source is None
+            else f"source {source!r} is not in the worker's BRIDGE_SOURCES"
+        )
 
 
 class ApiFailure(Exception):

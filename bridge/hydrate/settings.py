@@ -5,14 +5,25 @@ them; ``OPENAI_ORGANIZATION`` and ``OPENAI_PROJECT`` are taken too)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    AliasChoices,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 from bridge.extras import installed
+from bridge.hydrate.fetching import UnknownSource
 from bridge.settings import (
     DEFAULT_EXCHANGE,
     ENV_PREFIX,
@@ -20,10 +31,12 @@ from bridge.settings import (
     LogLevel,
     QueueType,
     Settings,
+    SettingsError,
     default_secrets_dir,
     redact_url,
     settings_error,
 )
+from bridge.sources import SourceError, parse_source_names, source_api_key
 
 __all__ = ["HydrateSettings", "HydrationNames", "load_hydrate_settings"]
 
@@ -68,8 +81,18 @@ class HydrateSettings(BaseSettings):
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
     openai_api_key: SecretStr = Field(
+        default=SecretStr(""),
         validation_alias=AliasChoices(API_KEY_VARIABLE),
-        description="The API key objects are fetched with (OpenAI's own variable name).",
+        description="The API key objects are fetched with (OpenAI's own variable name). "
+        "Required without BRIDGE_SOURCES; with it, each source's own key is used "
+        "(OPENAI_API_KEY_<NAME>, or the file <name>/OPENAI_API_KEY in BRIDGE_SECRETS_DIR) "
+        "and this one, if set, only for events without a source.",
+    )
+    sources: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="The bridge's BRIDGE_SOURCES: each source's events are fetched with that "
+        "project's API key; an event of a source not listed is recorded as failed "
+        "(unknown_source).",
     )
     openai_base_url: str | None = Field(
         default=None,
@@ -162,17 +185,37 @@ class HydrateSettings(BaseSettings):
             raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
         return value
 
-    @field_validator("openai_api_key")
+    _source_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
+
+    @field_validator("sources", mode="before")
     @classmethod
-    def _usable_key(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("is empty")
-        return value
+    def _source_names(cls, value: Any) -> Any:
+        return parse_source_names(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _a_key_without_sources(self) -> HydrateSettings:
+        if not self.sources and not self.openai_api_key.get_secret_value().strip():
+            raise ValueError(f"{API_KEY_VARIABLE} is required (the key objects are fetched with)")
+        return self
+
+    def load_source_keys(self, secrets_dir: Path, environment: Mapping[str, str]) -> None:
+        """Read each source's API key; raises :class:`SettingsError` for a source without
+        one (an API key belongs to one project: another's would read nothing of it)."""
+        try:
+            self._source_keys = {
+                name: SecretStr(source_api_key(name, secrets_dir, environment))
+                for name in self.sources
+            }
+        except SourceError as error:
+            raise SettingsError(str(error)) from None
 
     def api_key_for(self, source: str | None) -> str:
         """The API key for the events of ``source`` (their ``x-webhook-source`` header, or
-        ``None``): ``OPENAI_API_KEY`` for every source."""
-        return self.openai_api_key.get_secret_value()
+        ``None``); raises :class:`UnknownSource` when there is none for it."""
+        key = self.openai_api_key if source is None else self._source_keys.get(source)
+        if key is None or not key.get_secret_value().strip():
+            raise UnknownSource(source)
+        return key.get_secret_value()
 
     @property
     def names(self) -> HydrationNames:
@@ -188,6 +231,8 @@ def load_hydrate_settings(secrets_dir: Path | None = None, **overrides: Any) -> 
     secrets_dir = secrets_dir or default_secrets_dir()
     directory = secrets_dir if secrets_dir.is_dir() else None
     try:
-        return HydrateSettings(_secrets_dir=directory, **overrides)
+        settings = HydrateSettings(_secrets_dir=directory, **overrides)
     except ValidationError as error:
         raise settings_error(error) from None
+    settings.load_source_keys(secrets_dir, os.environ)
+    return settings

@@ -60,10 +60,10 @@ from bridge.hydrate.pace import Pace
 from bridge.hydrate.settings import HydrateSettings
 from bridge.hydrate.topology import prepare_topology
 from bridge.metrics import CONTENT_TYPE_LATEST, HydrationMetrics, HydrationResult
+from bridge.sources import SOURCE_HEADER
 
 logger = logging.getLogger(__name__)
 
-SOURCE_HEADER = "x-webhook-source"
 EVENT_ID_HEADER = "x-event-id"
 EVENT_TYPE_HEADER = "x-event-type"
 OBJECT_TYPE_HEADER = "x-object-type"
