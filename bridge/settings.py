@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 from bridge.extras import installed
+from bridge.nodes import parse_node_urls
 from bridge.signature import decode_secret_list
 
 ENV_PREFIX = "BRIDGE_"
@@ -362,13 +363,7 @@ def redact_url(url: URL) -> str:
 
 
 def _split_amqp_urls(value: SecretStr) -> tuple[URL, ...]:
-    urls = []
-    for position, text in enumerate(value.get_secret_value().split(","), start=1):
-        url = URL(text.strip())
-        if url.scheme not in ("amqp", "amqps") or not url.host:
-            raise ValueError(f"URL #{position} must be an amqp:// or amqps:// URL with a host")
-        urls.append(url)
-    return tuple(urls)
+    return parse_node_urls(value.get_secret_value())
 
 
 def _decode_secrets(value: SecretStr) -> tuple[bytes, ...]:
