@@ -52,6 +52,10 @@ class SettingsError(Exception):
     """Configuration that must stop the process, as one line naming the setting."""
 
 
+AmqpHeartbeat = Annotated[int, Field(ge=1, le=600)]
+"""Seconds between AMQP heartbeats (``BRIDGE_AMQP_HEARTBEAT``), for publishers and consumers."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -78,7 +82,7 @@ class Settings(BaseSettings):
         description="CA bundle to verify the broker's certificate with amqps://; "
         "unset: the system's CAs.",
     )
-    amqp_heartbeat: Annotated[int, Field(ge=1, le=600)] = Field(
+    amqp_heartbeat: AmqpHeartbeat = Field(
         default=10,
         description="AMQP heartbeat in seconds: a node silent for (heartbeat + 1) x 3 seconds "
         "is given up and the bridge moves to another node.",

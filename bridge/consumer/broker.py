@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiormq
 from aio_pika.abc import AbstractConnection
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
@@ -20,6 +20,7 @@ from bridge.nodes import BrokerNodes, first_answering, parse_node_urls, within
 from bridge.settings import (
     DEFAULT_EXCHANGE,
     ENV_PREFIX,
+    AmqpHeartbeat,
     LogFormat,
     LogLevel,
     Settings,
@@ -54,10 +55,17 @@ class ConsumerSettings(BaseSettings):
     )
 
     amqp_url: SecretStr = Settings.model_fields["amqp_url"].default
+    amqp_heartbeat: AmqpHeartbeat = Settings.model_fields["amqp_heartbeat"].default
     amqp_ca_file: Path | None = None
     exchange: str = DEFAULT_EXCHANGE
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _node_urls(cls, value: SecretStr) -> SecretStr:
+        parse_node_urls(value.get_secret_value())
+        return value
 
     @classmethod
     def load(cls, **overrides: Any) -> ConsumerSettings:
