@@ -15,7 +15,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from tests.brokers import START_TIMEOUT, Node, Release, make_home, own_epmd, reserved_ports
+import pytest
+
+from tests.brokers import (
+    MACHINE,
+    RABBITMQ_BIN,
+    RELEASE_IDS,
+    START_TIMEOUT,
+    Node,
+    Release,
+    make_home,
+    own_epmd,
+    release_named,
+    reserved_ports,
+)
 from tests.conftest import free_port
 
 CLUSTER_SIZE = 3
@@ -133,3 +146,21 @@ def running_cluster(release: Release) -> Iterator[Cluster]:
             yield cluster
         finally:
             cluster.stop()
+
+
+@pytest.fixture(scope="session", params=RELEASE_IDS)
+def rabbitmq_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Three nodes of one release joined into one cluster, for every scenario on it (the
+    bridge's and the consumers', whichever files they are in)."""
+    release = release_named(request.param)
+    if release is MACHINE and not (RABBITMQ_BIN / "rabbitmq-server").exists():
+        pytest.skip("RabbitMQ server is not installed")
+    with running_cluster(release) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster(rabbitmq_cluster: Cluster) -> Iterator[Cluster]:
+    """The session's cluster, with every node running again after the test."""
+    yield rabbitmq_cluster
+    rabbitmq_cluster.restore()

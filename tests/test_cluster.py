@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import aio_pika
 import aiohttp
 import pytest
 
-from tests.brokers import MACHINE, RABBITMQ_BIN, RELEASE_IDS, Node, release_named
-from tests.cluster import Cluster, running_cluster
+from tests.brokers import Node
+from tests.cluster import Cluster
 from tests.conftest import BridgeProcess, Signer, unique_name
 from tests.sender import OpenAILikeSender, assert_nothing_lost
 
@@ -38,23 +37,6 @@ HEARTBEAT = 10
 KILLED_NODE_RECOVERY_BOUND = 10.0
 # A frozen node answers nothing: aiormq gives it up after (heartbeat + 1) x 3 seconds.
 FROZEN_NODE_RECOVERY_BOUND = (HEARTBEAT + 1) * 3 + 15.0
-
-
-@pytest.fixture(scope="session", params=RELEASE_IDS)
-def rabbitmq_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """Three nodes of one release joined into one cluster, for every scenario on it."""
-    release = release_named(request.param)
-    if release is MACHINE and not Path(RABBITMQ_BIN / "rabbitmq-server").exists():
-        pytest.skip("RabbitMQ server is not installed")
-    with running_cluster(release) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def cluster(rabbitmq_cluster: Cluster) -> Iterator[Cluster]:
-    """The session's cluster, with every node running again after the test."""
-    yield rabbitmq_cluster
-    rabbitmq_cluster.restore()
 
 
 @dataclass

@@ -101,6 +101,17 @@ class EventConsumer(PatternReader):
     to the queue ``busy_retry_seconds`` later, through a retry queue (see
     :mod:`bridge.consumer.retry`). ``ca_file`` verifies an ``amqps://`` broker
     against that CA bundle instead of the system's.
+
+    ``amqp_url`` is one node's URL or a cluster's comma-separated list, as the bridge
+    takes them (``BRIDGE_AMQP_URL``). The consumer connects to one node (the list shuffled
+    once, or by ``rng``, so that consumers spread), with ``heartbeat``-second heartbeats.
+    When it loses that node, or the node freezes for (heartbeat + 1) x 3 seconds, it
+    connects to the next one, in rounds spaced by backoff with jitter, declares and binds
+    its queues again and goes on in the same iteration (and :meth:`run` loop): the
+    messages it had not acknowledged come back from the broker, and an ``idempotency``
+    store skips those already handled. A temporary queue is a new, empty one after a
+    failover; a named queue keeps what arrived meanwhile. Every broker call is bounded
+    by ``timeout`` seconds.
     """
 
     def __init__(
@@ -122,6 +133,7 @@ class EventConsumer(PatternReader):
         timeout: float = 10.0,
         heartbeat: int = 10,
         clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
     ) -> None:
         super().__init__(exchange, patterns)
         if isinstance(verify_secrets, str):
@@ -142,7 +154,7 @@ class EventConsumer(PatternReader):
             raise ValueError("timeout must be positive")
         if heartbeat < 1:
             raise ValueError("heartbeat must be at least 1 second")
-        self._rng = random.Random()  # noqa: S311  # node order and jitter, not secrets
+        self._rng = rng or random.Random()  # noqa: S311  # node order and jitter, not secrets
         self._nodes = BrokerNodes(parse_node_urls(amqp_url), self._rng)
         self._queue_name = queue
         self._prefetch = prefetch
