@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -153,7 +154,7 @@ def rabbitmq_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Three nodes of one release joined into one cluster, for every scenario on it (the
     bridge's and the consumers', whichever files they are in)."""
     release = release_named(request.param)
-    if release is MACHINE and not (RABBITMQ_BIN / "rabbitmq-server").exists():
+    if release is MACHINE and not Path(RABBITMQ_BIN / "rabbitmq-server").exists():
         pytest.skip("RabbitMQ server is not installed")
     with running_cluster(release) as cluster:
         yield cluster
