@@ -226,14 +226,16 @@ class EventConsumer(PatternReader):
             with contextlib.suppress(Exception):
                 await within(self._timeout, connection.close())
             raise
-        named = self._queue_name is not None
-        self._retry_queues = RetryQueues(
-            channel,
-            queue.name,
-            named=named,
-            queue_arguments=self._queue_arguments(dead_letter_exchange=""),
-            timeout=self._timeout,
-        )
+        if self._retry_queues is None or self._queue_name is None:
+            self._retry_queues = RetryQueues(
+                channel,
+                queue.name,
+                named=self._queue_name is not None,
+                queue_arguments=self._queue_arguments(dead_letter_exchange=""),
+                timeout=self._timeout,
+            )
+        else:
+            self._retry_queues = self._retry_queues.on(channel)
         self._spans = _consumer_spans(queue.name)
         self._connection, self._channel, self._queue = connection, channel, queue
         if self._nodes.connected_to(url):
@@ -243,10 +245,18 @@ class EventConsumer(PatternReader):
     async def _declare_on(
         self, connection: AbstractConnection
     ) -> tuple[AbstractChannel, AbstractQueue]:
+        """Declare and bind on the first connection; after a failover, check that a named
+        queue is still there and declare it again only if not. A passive check reads the
+        node's own copy of the metadata, so it answers even while a frozen node holds up
+        every cluster-wide change until the other nodes declare it down (net_ticktime)."""
         await require_exchange(connection, self._exchange)
         # Returned copies (a retry queue deleted under us) must fail their publish.
         channel = await connection.channel(on_return_raises=True)
         await channel.set_qos(prefetch_count=self._prefetch)
+        if self._queue_name is not None and self._queue is not None:
+            if await _queue_exists(connection, self._queue_name):
+                return channel, await channel.get_queue(self._queue_name, ensure=False)
+            logger.warning("queue %s went missing; declaring it again", self._queue_name)
         return channel, await self._declare_queue(channel)
 
     async def _reconnect(self) -> None:
@@ -535,6 +545,16 @@ class EventConsumer(PatternReader):
         if self._retry_queues is None:
             raise RuntimeError("use the consumer inside 'async with'")
         return self._retry_queues
+
+
+async def _queue_exists(connection: AbstractConnection, name: str) -> bool:
+    # A failed passive declare closes its channel, so it gets one of its own.
+    async with connection.channel() as probe:
+        try:
+            await probe.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+    return True
 
 
 def _first_problem(error: ValidationError) -> str:

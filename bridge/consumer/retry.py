@@ -96,6 +96,20 @@ class RetryQueues:
         self._by_delay: dict[int, str] = {}
         self._declaring = asyncio.Lock()
 
+    def on(self, channel: AbstractChannel) -> RetryQueues:
+        """These retry queues, used from ``channel`` (after a failover): a named queue's are
+        durable and not declared again; a temporary one's went with their connection."""
+        moved = RetryQueues(
+            channel,
+            self._queue,
+            named=self._named,
+            queue_arguments=self._queue_arguments,
+            timeout=self._timeout,
+        )
+        if self._named:
+            moved._by_delay = dict(self._by_delay)
+        return moved
+
     @property
     def names(self) -> tuple[str, ...]:
         """The retry queues declared so far."""
