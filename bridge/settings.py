@@ -52,6 +52,10 @@ class SettingsError(Exception):
     """Configuration that must stop the process, as one line naming the setting."""
 
 
+BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""RabbitMQ 4's default ``max_message_size`` (3.x: 128 MiB): the largest body a node with
+the default configuration accepts, and so the largest ``BRIDGE_MAX_BODY_BYTES``."""
+
 AmqpHeartbeat = Annotated[int, Field(ge=1, le=600)]
 """Seconds between AMQP heartbeats (``BRIDGE_AMQP_HEARTBEAT``), for publishers and consumers."""
 
@@ -139,9 +143,11 @@ class Settings(BaseSettings):
         default=300,
         description="Seconds a webhook-timestamp may differ from now, either way.",
     )
-    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         default=256 * 1024,
-        description="Larger request bodies are answered 413.",
+        description="Larger request bodies are answered 413. At most 16 MiB (16777216), "
+        "RabbitMQ 4's default max_message_size: a broker with that default refuses any "
+        "larger message.",
     )
     max_buffered_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = Field(
         default=32 * 1024 * 1024,
@@ -220,6 +226,16 @@ class Settings(BaseSettings):
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
         _split_amqp_urls(value)
+        return value
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _publishable_body(cls, value: int) -> int:
+        if value > BROKER_MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"must be at most {BROKER_MAX_MESSAGE_BYTES} (16 MiB, RabbitMQ 4's default "
+                "max_message_size): the broker would refuse a larger body; lower it"
+            )
         return value
 
     @field_validator("archive_max_age")
