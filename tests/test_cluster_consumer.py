@@ -225,8 +225,6 @@ async def test_the_consumer_goes_on_when_its_queue_leader_is_killed(
 async def test_the_consumer_waits_out_a_lost_majority(
     cluster: Cluster, start_scenario: Callable[[Layout], Awaitable[Scenario]]
 ) -> None:
-    if cluster.nodes[0].release.version == "4.0":
-        pytest.skip("majority loss and recovery is checked on 3.10 only (tests/test_cluster.py)")
     scenario = await start_scenario(all_on_one)
     others = [node for node in cluster.nodes if node is not scenario.consumer_node]
 

@@ -178,6 +178,7 @@ class EventConsumer(PatternReader):
         self.rejections: Counter[str] = Counter()
         """Messages rejected here, by reason: ``signature``, ``not_an_event``,
         ``routing_key``, ``too_old``, ``handler_failed``."""
+        self._closing_connections: set[asyncio.Future[None]] = set()
         self.reconnects = 0
         """How many times the consumer connected again after losing its connection."""
 
@@ -271,8 +272,11 @@ class EventConsumer(PatternReader):
         self._nodes.lost_current()
         self._connection = self._channel = None
         if lost is not None and not lost.is_closed:
-            # Closing towards a frozen node can take minutes: not waited for.
+            # Closing towards a frozen node can take minutes: not waited for, but held on
+            # to until done (the event loop keeps only weak references to tasks).
             closing = asyncio.ensure_future(lost.close())
+            self._closing_connections.add(closing)
+            closing.add_done_callback(self._closing_connections.discard)
             closing.add_done_callback(retrieve_outcome)
         failures, last_problem = 0, ""
         while True:
