@@ -18,17 +18,16 @@ from collections.abc import AsyncIterator
 import pytest
 from yarl import URL
 
-from bridge.consumer import EventConsumer, InMemoryIdempotencyStore, WebhookEvent
+from bridge.consumer import ConsumerSettings, EventConsumer, InMemoryIdempotencyStore, WebhookEvent
 from bridge.events import parse_event
 from bridge.nodes import node_address
 from bridge.samples import new_webhook_id, sample_body
+from bridge.settings import SettingsError
 from tests.conftest import AMQP_URL, Broker, Signer, unique_name
 from tests.tcp_proxy import HoldableProxy, holdable_proxy
 from tests.test_consumer import exchange, publish_like_bridge, wait_until
 
 __all__ = ["exchange"]  # a fixture used by the tests below
-
-pytestmark = pytest.mark.broker
 
 
 @contextlib.asynccontextmanager
@@ -119,18 +118,21 @@ async def consume_across(
     assert max(recorder.calls.values()) == 1, "an event was handled twice"
 
 
+@pytest.mark.broker
 async def test_a_lost_node_is_left_for_the_other_and_the_stream_goes_on(
     broker: Broker, exchange: str, signer: Signer
 ) -> None:
     await consume_across(broker, exchange, signer, "cut")
 
 
+@pytest.mark.broker
 async def test_a_frozen_node_is_given_up_after_the_heartbeat(
     broker: Broker, exchange: str, signer: Signer
 ) -> None:
     await consume_across(broker, exchange, signer, "hold")
 
 
+@pytest.mark.broker
 async def test_settling_on_a_lost_connection_is_logged_and_the_message_comes_back(
     broker: Broker, exchange: str, signer: Signer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -156,6 +158,7 @@ async def test_settling_on_a_lost_connection_is_logged_and_the_message_comes_bac
             assert consumer.reconnects == 1
 
 
+@pytest.mark.broker
 async def test_a_dead_node_in_the_list_is_passed_over(exchange: str) -> None:
     dead = "amqp://guest:guest@127.0.0.1:1/"
     for _ in range(3):  # whatever the shuffled order
@@ -163,3 +166,12 @@ async def test_a_dead_node_in_the_list_is_passed_over(exchange: str) -> None:
             f"{dead},{AMQP_URL}", exchange=exchange, patterns=["#"]
         ) as consumer:
             assert consumer.node == node_address(URL(AMQP_URL))
+
+
+def test_a_node_list_that_cannot_work_is_refused_at_once() -> None:
+    with pytest.raises(ValueError, match="URL #2 must be an amqp:// or amqps:// URL"):
+        EventConsumer(f"{AMQP_URL},http://rabbit-1/", patterns=["#"])
+    with pytest.raises(ValueError, match="heartbeat"):
+        EventConsumer(AMQP_URL, patterns=["#"], heartbeat=0)
+    with pytest.raises(SettingsError, match="BRIDGE_AMQP_URL URL #1 must be"):
+        ConsumerSettings.load(amqp_url="rabbit-0:5672")
