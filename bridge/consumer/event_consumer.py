@@ -428,8 +428,8 @@ class EventConsumer(PatternReader):
 
     async def _deliveries(self, queue: AbstractQueue) -> AsyncGenerator[Delivery, None]:
         """The queue's events, across connections: when the channel closes (its node lost,
-        frozen past the heartbeat, or the broker closing it), connect again, declare again
-        and go on, as one stream."""
+        frozen past the heartbeat, or the broker closing it), connect to another node, find
+        the queue there (declaring it only if it went missing) and go on, as one stream."""
         while True:
             channel = self._open_channel()
             with contextlib.suppress(*CONNECTION_GONE):
