@@ -39,12 +39,12 @@ from yarl import URL
 
 from bridge.events import EVENT_MODELS, EVENT_TYPE_PATTERN, UnknownWebhookEvent
 from bridge.frames import MessageProperties
+from bridge.nodes import node_address
 from bridge.publisher import (
     QUARANTINE_REASON_HEADER,
     VALIDATED_HEADER,
     ArchiveRetention,
     Topology,
-    node_address,
 )
 from bridge.settings import DEFAULT_EXCHANGE, Settings, env_name
 from bridge.signature import MAX_WEBHOOK_ID_LENGTH

@@ -22,21 +22,30 @@ import enum
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, ExchangeType
 from aiormq.abc import ChannelFrame
 from pamqp.common import FieldTable
-from yarl import URL
 
 from bridge.deadlines import Deadlines
 from bridge.events import Classified
 from bridge.frames import APP_ID, HeaderValue, MessageProperties, encode_publish
 from bridge.limiter import AdaptiveLimit
+from bridge.nodes import (
+    BrokerNodes,
+    backoff,
+    describe,
+    first_answering,
+    node_address,
+    retrieve_outcome,
+    with_heartbeat,
+    within,
+)
 from bridge.settings import QueueType, Settings, redact_url
 from bridge.signature import WebhookHeaders
 from bridge.sources import SOURCE_HEADER, source_exchange_name
@@ -47,13 +56,10 @@ logger = logging.getLogger(__name__)
 VALIDATED_HEADER = "x-event-validated"
 QUARANTINE_REASON_HEADER = "x-quarantine-reason"
 ALL_EVENTS = "#"
-RETRY_INTERVAL = 0.5
-MAX_RETRY_INTERVAL = 5.0
 # The AMQP timestamp is 64 bits of seconds, but pamqp (aiormq, aio-pika) reads values
 # past 2**32 - 1 as milliseconds: such a created_at is left out rather than misread.
 _MAX_AMQP_TIMESTAMP = 2**32 - 1
 INITIAL_PUBLISHES_IN_FLIGHT = 32
-T = TypeVar("T")
 _EXISTING_QUEUE_TYPE = re.compile(r"current is (?:the value )?'([a-z]+)'")
 
 
@@ -480,11 +486,11 @@ class AmqpPublisher:
                 self.failed.set()
                 return
             except Exception as error:  # any failure here means "not ready yet"
-                problem = _describe(error)
+                problem = describe(error)
                 if problem != last_problem:
                     logger.warning("broker not ready: %s", problem)
                 failures, last_problem = failures + 1, problem
-                wait = _backoff(failures, self._rng)
+                wait = backoff(failures, self._rng)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -493,37 +499,28 @@ class AmqpPublisher:
     async def _connect(self) -> None:
         """Connect to the first node of this round that answers; raise if none does."""
         await self._drop_connection()
-        problems = []
-        for url in self._nodes.round():
-            node = node_address(url)
-            try:
-                connection = await _within(
-                    self._timeout,
-                    aio_pika.connect(
-                        url.update_query(heartbeat=str(self._settings.amqp_heartbeat)),
-                        ssl_context=self._settings.amqp_ssl_context(url),
-                        client_properties={"connection_name": APP_ID},
-                        timeout=self._timeout,
-                    ),
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # this node is down: try the next one
-                problems.append(f"{node}: {_describe(error)}")
-                continue
-            connection.close_callbacks.add(self._on_connection_lost)
-            self._connection = connection
-            reconnect = self._nodes.connected_to(url)
-            logger.info(
-                "%s broker node %s (%s)",
-                "reconnected to" if reconnect else "connected to",
-                node,
-                redact_url(url),
-            )
-            if self._on_connect is not None:
-                self._on_connect(node, reconnect)
-            return
-        raise ConnectionError("no broker node answered: " + "; ".join(problems))
+        url, connection = await first_answering(
+            self._nodes,
+            lambda url: aio_pika.connect(
+                with_heartbeat(url, self._settings.amqp_heartbeat),
+                ssl_context=self._settings.amqp_ssl_context(url),
+                client_properties={"connection_name": APP_ID},
+                timeout=self._timeout,
+            ),
+            attempt_seconds=self._timeout,
+        )
+        connection.close_callbacks.add(self._on_connection_lost)
+        self._connection = connection
+        node = node_address(url)
+        reconnect = self._nodes.connected_to(url)
+        logger.info(
+            "%s broker node %s (%s)",
+            "reconnected to" if reconnect else "connected to",
+            node,
+            redact_url(url),
+        )
+        if self._on_connect is not None:
+            self._on_connect(node, reconnect)
 
     async def _drop_connection(self, *, wait: float = 0.0) -> None:
         """Forget the current connection and close it in the background, waiting for that
@@ -544,7 +541,7 @@ class AmqpPublisher:
     async def _open_channel(self) -> None:
         assert self._connection is not None
         channel = self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        await _within(self._timeout, channel.initialize())
+        await within(self._timeout, channel.initialize())
         channel.close_callbacks.add(self._on_channel_closed)
         self._channel, self._amqp_channel = channel, None
 
@@ -611,7 +608,7 @@ class AmqpPublisher:
             async with connection.channel() as channel:
                 await step(channel, topology)
 
-        await _within(self._timeout, on_channel())
+        await within(self._timeout, on_channel())
 
     async def _probe_broker(self) -> None:
         """A round trip on the publishing connection: it stalls exactly while the broker
@@ -619,62 +616,6 @@ class AmqpPublisher:
         await self._on_new_channel(_declare_exchange_passively)
         self._stalled = False
         logger.info("broker answers again")
-
-
-class BrokerNodes:
-    """The nodes of one cluster in this process's own order, and which to try next.
-
-    The order is shuffled once, so that pods spread over the nodes. After losing a node,
-    the next round starts with the node after it and tries the lost one last.
-    """
-
-    def __init__(self, urls: Sequence[URL], rng: random.Random) -> None:
-        self._urls = list(urls)
-        rng.shuffle(self._urls)
-        self._next = 0
-        self._current: URL | None = None
-        self._connections = 0
-
-    @property
-    def current(self) -> str | None:
-        return None if self._current is None else node_address(self._current)
-
-    def round(self) -> list[URL]:
-        return self._urls[self._next :] + self._urls[: self._next]
-
-    def connected_to(self, url: URL) -> bool:
-        """Record a new connection; true if it replaces an earlier one (a reconnect)."""
-        self._current = url
-        self._next = self._urls.index(url)
-        self._connections += 1
-        return self._connections > 1
-
-    def lost_current(self) -> None:
-        if self._current is not None:
-            self._next = (self._urls.index(self._current) + 1) % len(self._urls)
-
-
-def node_address(url: URL) -> str:
-    """``host:port`` of a node: what logs and metrics name it by, never with credentials."""
-    port = url.port or (5671 if url.scheme == "amqps" else 5672)
-    return f"{url.host}:{port}"
-
-
-async def _within(seconds: float, work: Awaitable[T]) -> T:
-    """Await ``work`` for at most ``seconds``, then abandon it (cancelled, not
-    awaited): towards a frozen node, aio-pika's channel close ignores cancellation, so an
-    ``asyncio.timeout`` around it would not end the wait."""
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task}, timeout=seconds)
-    if not done:
-        task.cancel()
-        task.add_done_callback(_retrieve_outcome)
-        raise TimeoutError
-    if task.cancelled():
-        # aiormq cancels the calls pending on a connection it closes; that is not the
-        # caller being cancelled, and must not end the caller.
-        raise ConnectionError("the connection closed during the call")
-    return task.result()
 
 
 class _Confirmation(asyncio.Future[Any]):
@@ -700,11 +641,6 @@ def _cancel_all(futures: set[asyncio.Future[Any]]) -> None:
         future.cancel()
 
 
-def _retrieve_outcome(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 async def _declare_exchange_passively(channel: AbstractChannel, topology: Topology) -> None:
     await channel.declare_exchange(topology.exchange, passive=True)
 
@@ -712,15 +648,9 @@ async def _declare_exchange_passively(channel: AbstractChannel, topology: Topolo
 def _forget_closed(pending: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
     def forget(closing: asyncio.Future[None]) -> None:
         pending.discard(closing)
-        _retrieve_outcome(closing)  # a failed close of a lost connection is expected
+        retrieve_outcome(closing)  # a failed close of a lost connection is expected
 
     return forget
-
-
-def _backoff(failures: int, rng: random.Random) -> float:
-    """Exponential backoff with jitter, bounded by ``MAX_RETRY_INTERVAL``."""
-    ceiling = min(RETRY_INTERVAL * 2 ** (failures - 1), MAX_RETRY_INTERVAL)
-    return rng.uniform(ceiling / 2, ceiling)
 
 
 class TopologyConflict(Exception):
@@ -845,7 +775,3 @@ async def _declare_owned_queue(
             f"but BRIDGE_QUEUE_TYPE is {queue_type}; RabbitMQ cannot change a queue's type: "
             f"move its messages elsewhere and delete it, or set BRIDGE_QUEUE_TYPE to its type"
         ) from None
-
-
-def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 from bridge.extras import installed
+from bridge.nodes import parse_node_urls
 from bridge.signature import decode_secret_list
 from bridge.sources import SourceError, SourceSecrets, load_source_secrets, parse_source_names
 
@@ -54,6 +55,14 @@ def _empty_is_none(value: Any) -> Any:
 
 class SettingsError(Exception):
     """Configuration that must stop the process, as one line naming the setting."""
+
+
+BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""RabbitMQ 4's default ``max_message_size`` (3.x: 128 MiB): the largest body a node with
+the default configuration accepts, and so the largest ``BRIDGE_MAX_BODY_BYTES``."""
+
+AmqpHeartbeat = Annotated[int, Field(ge=1, le=600)]
+"""Seconds between AMQP heartbeats (``BRIDGE_AMQP_HEARTBEAT``), for publishers and consumers."""
 
 
 class Settings(BaseSettings):
@@ -94,7 +103,7 @@ class Settings(BaseSettings):
         description="CA bundle to verify the broker's certificate with amqps://; "
         "unset: the system's CAs.",
     )
-    amqp_heartbeat: Annotated[int, Field(ge=1, le=600)] = Field(
+    amqp_heartbeat: AmqpHeartbeat = Field(
         default=10,
         description="AMQP heartbeat in seconds: a node silent for (heartbeat + 1) x 3 seconds "
         "is given up and the bridge moves to another node.",
@@ -151,9 +160,11 @@ class Settings(BaseSettings):
         default=300,
         description="Seconds a webhook-timestamp may differ from now, either way.",
     )
-    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = Field(
+    max_body_bytes: Annotated[int, Field(ge=1024)] = Field(
         default=256 * 1024,
-        description="Larger request bodies are answered 413.",
+        description="Larger request bodies are answered 413. At most 16 MiB (16777216), "
+        "RabbitMQ 4's default max_message_size: a broker with that default refuses any "
+        "larger message.",
     )
     max_buffered_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = Field(
         default=32 * 1024 * 1024,
@@ -232,6 +243,16 @@ class Settings(BaseSettings):
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
         _split_amqp_urls(value)
+        return value
+
+    @field_validator("max_body_bytes")
+    @classmethod
+    def _publishable_body(cls, value: int) -> int:
+        if value > BROKER_MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"must be at most {BROKER_MAX_MESSAGE_BYTES} (16 MiB, RabbitMQ 4's default "
+                "max_message_size): the broker would refuse a larger body; lower it"
+            )
         return value
 
     @field_validator("archive_max_age")
@@ -447,13 +468,7 @@ def redact_url(url: URL) -> str:
 
 
 def _split_amqp_urls(value: SecretStr) -> tuple[URL, ...]:
-    urls = []
-    for position, text in enumerate(value.get_secret_value().split(","), start=1):
-        url = URL(text.strip())
-        if url.scheme not in ("amqp", "amqps") or not url.host:
-            raise ValueError(f"URL #{position} must be an amqp:// or amqps:// URL with a host")
-        urls.append(url)
-    return tuple(urls)
+    return parse_node_urls(value.get_secret_value())
 
 
 def _decode_secrets(value: SecretStr) -> tuple[bytes, ...]:

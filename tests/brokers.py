@@ -76,6 +76,8 @@ class Release:
     version: str
     root: Path | None = None
     denied_deprecated_features: tuple[str, ...] = ()
+    khepri: bool = False
+    """Whether its clusters keep their metadata in Khepri (Raft) rather than Mnesia."""
 
     @property
     def id(self) -> str:
@@ -125,7 +127,7 @@ def rabbitmq4() -> Release:
     with _locked(CACHE_DIR / f"{root.name}.lock"):
         if not root.is_dir():
             _bootstrap(root, mirror)
-    return Release("4.0", root, DENIED_DEPRECATED_FEATURES)
+    return Release("4.0", root, DENIED_DEPRECATED_FEATURES, khepri=True)
 
 
 @contextlib.contextmanager

@@ -47,9 +47,9 @@ AMQP_URL = MACHINE_BROKER.amqp_url
 # the cluster scenarios start clusters of both releases themselves (tests/test_cluster.py).
 MACHINE_BROKER_ONLY = ("install", "image", "cluster")
 
-# Fixtures shared by the load tests and by the installed-package tests, in the modules
-# that define the sender and the install profiles.
-pytest_plugins = ("tests.history", "tests.install_profiles")
+# Fixtures shared by the load tests, the installed-package tests and the cluster scenarios,
+# in the modules that define the sender, the install profiles and the cluster.
+pytest_plugins = ("tests.history", "tests.install_profiles", "tests.cluster")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

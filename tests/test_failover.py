@@ -14,15 +14,13 @@ from yarl import URL
 from bridge.app import create_app
 from bridge.consumer import connect_to_a_node
 from bridge.events import classify
+from bridge.nodes import BrokerNodes, node_address, within
 from bridge.publisher import (
     AmqpPublisher,
-    BrokerNodes,
     BrokerUnavailable,
     Outcome,
     OutgoingMessage,
     _Confirmation,
-    _within,
-    node_address,
     route,
 )
 from bridge.samples import sample_body
@@ -127,9 +125,9 @@ async def test_a_call_cancelled_under_the_caller_is_a_connection_error() -> None
         raise asyncio.CancelledError
 
     with pytest.raises(ConnectionError):
-        await _within(1.0, cancelled_by_the_library())
+        await within(1.0, cancelled_by_the_library())
     with pytest.raises(TimeoutError):
-        await _within(0.01, asyncio.sleep(10))
+        await within(0.01, asyncio.sleep(10))
 
 
 @pytest.mark.broker

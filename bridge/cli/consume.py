@@ -177,6 +177,7 @@ def _consume_command(args: argparse.Namespace) -> int:
             queue=args.queue,
             verify_secrets=verify_secrets,
             ca_file=broker.amqp_ca_file,
+            heartbeat=broker.amqp_heartbeat,
         )
     json_lines = args.json or not sys.stdout.isatty()
     return run(consume(consumer, count=args.count, json_lines=json_lines))

@@ -3,23 +3,24 @@ of its nodes (over TLS with a chosen CA), the exchange and binding patterns, and
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import random
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractConnection, AbstractRobustConnection
-from pydantic import SecretStr, ValidationError
+from aio_pika.abc import AbstractConnection
+from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
 
+from bridge.nodes import BrokerNodes, first_answering, parse_node_urls, within
 from bridge.settings import (
     DEFAULT_EXCHANGE,
     ENV_PREFIX,
+    AmqpHeartbeat,
     LogFormat,
     LogLevel,
     Settings,
@@ -51,10 +52,17 @@ class ConsumerSettings(BaseSettings):
     )
 
     amqp_url: SecretStr = Settings.model_fields["amqp_url"].default
+    amqp_heartbeat: AmqpHeartbeat = Settings.model_fields["amqp_heartbeat"].default
     amqp_ca_file: Path | None = None
     exchange: str = DEFAULT_EXCHANGE
     log_level: LogLevel = "INFO"
     log_format: LogFormat = "auto"
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _node_urls(cls, value: SecretStr) -> SecretStr:
+        parse_node_urls(value.get_secret_value())
+        return value
 
     @classmethod
     def load(cls, **overrides: Any) -> ConsumerSettings:
@@ -82,21 +90,20 @@ async def connect_to_a_node(
     ca_file: str | Path | None = None,
 ) -> ConnectionT:
     """Connect to the first node of ``amqp_url`` (one URL, or a cluster's comma-separated
-    list, as ``BRIDGE_AMQP_URL`` takes them) that answers, in order."""
-    *others, last = (url.strip() for url in amqp_url.split(","))
+    list, as ``BRIDGE_AMQP_URL`` takes them) that answers, in this process's order (see
+    :class:`bridge.nodes.BrokerNodes`); raise ConnectionError if none does."""
+    nodes = BrokerNodes(parse_node_urls(amqp_url), random.Random())  # noqa: S311
 
-    def attempt(url: str) -> Awaitable[ConnectionT]:
+    def attempt(url: URL) -> Awaitable[ConnectionT]:
         return connect(
-            url,
-            ssl_context=tls_context(url, ca_file),
+            str(url),
+            ssl_context=tls_context(str(url), ca_file),
             client_properties={"connection_name": CONNECTION_NAME},
             timeout=attempt_seconds,
         )
 
-    for url in others:
-        with contextlib.suppress(OSError, aio_pika.exceptions.AMQPError, TimeoutError):
-            return await attempt(url)
-    return await attempt(last)
+    _, connection = await first_answering(nodes, attempt, attempt_seconds=attempt_seconds)
+    return connection
 
 
 class PatternReader:
@@ -117,7 +124,7 @@ class PatternReader:
         return self._patterns
 
 
-async def require_exchange(connection: AbstractRobustConnection, name: str) -> None:
+async def require_exchange(connection: AbstractConnection, name: str) -> None:
     # A failed passive declare closes its channel, so it gets one of its own.
     async with connection.channel() as probe:
         try:
@@ -135,11 +142,13 @@ async def close_deliveries(
     stream forgets, every unacknowledged message)."""
     try:
         if stream is not None:
-            await stream.aclose()
+            with contextlib.suppress(TimeoutError):
+                await within(close_timeout, stream.aclose())
     finally:
         if connection is not None:
-            async with asyncio.timeout(close_timeout):
-                await connection.close()
+            # Towards a frozen node a close never completes: it is abandoned, not awaited.
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                await within(close_timeout, connection.close())
 
 
 __all__ = [

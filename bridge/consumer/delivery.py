@@ -10,7 +10,7 @@ from typing import TypeAlias
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from bridge.consumer.retry import RetryQueues, retry_count
+from bridge.consumer.retry import RetryQueues, retry_count, settle
 from bridge.consumer.stores import IdempotencyStore
 from bridge.dedup.store import StoreUnavailable
 from bridge.events import UnknownWebhookEvent, UnwrapWebhookEvent
@@ -39,7 +39,14 @@ _ANY_AGE = sys.maxsize
 class Delivery:
     """One event taken from the queue: acknowledge, retry or reject it exactly once."""
 
-    __slots__ = ("_idempotency", "_retry_queues", "event", "message", "routing_key")
+    __slots__ = (
+        "_idempotency",
+        "_retry_queues",
+        "_settle_timeout",
+        "event",
+        "message",
+        "routing_key",
+    )
 
     def __init__(
         self,
@@ -49,6 +56,7 @@ class Delivery:
         *,
         routing_key: str | None = None,
         retry_queues: RetryQueues | None = None,
+        settle_timeout: float = 10.0,
     ) -> None:
         self.event = event
         self.message = message
@@ -56,6 +64,7 @@ class Delivery:
         self.routing_key = (message.routing_key or "") if routing_key is None else routing_key
         self._idempotency = idempotency
         self._retry_queues = retry_queues
+        self._settle_timeout = settle_timeout
 
     @property
     def body(self) -> bytes:
@@ -96,7 +105,9 @@ class Delivery:
 
         In this order, a crash in between redelivers a message the store skips. If the
         store cannot record it, the message is still acknowledged (it was handled); the
-        cost is a possible second handling of a later copy.
+        cost is a possible second handling of a later copy. If the connection was lost
+        meanwhile, the broker delivers the message again (and the store skips it): that is
+        logged, not raised, here and in :meth:`retry` and :meth:`reject`.
         """
         if self._idempotency is not None and self.message_id is not None:
             try:
@@ -106,7 +117,7 @@ class Delivery:
                     "could not record a handled message in the idempotency store",
                     extra={"message_id": self.message_id, "reason": str(error)},
                 )
-        await self.message.ack()
+        await settle(self.message.ack(), self.message, self._settle_timeout)
 
     async def retry(self, delay: float) -> None:
         """Have the event delivered again after ``delay`` seconds, with ``retries`` one more.
@@ -131,7 +142,7 @@ class Delivery:
         claim is released, so the next copy is handled.
         """
         await self._release()
-        await self.message.reject(requeue=requeue)
+        await settle(self.message.reject(requeue=requeue), self.message, self._settle_timeout)
 
     async def _release(self) -> None:
         if self._idempotency is not None and self.message_id is not None:

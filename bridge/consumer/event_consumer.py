@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -17,19 +18,20 @@ from typing import Self
 import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustChannel,
-    AbstractRobustConnection,
     ExchangeType,
 )
 from pydantic import ValidationError
 
 from bridge.consumer.broker import (
+    CONNECTION_NAME,
     PatternReader,
     close_deliveries,
-    connect_to_a_node,
     require_exchange,
+    tls_context,
 )
 from bridge.consumer.delivery import (
     Delivery,
@@ -38,11 +40,28 @@ from bridge.consumer.delivery import (
     signature_problem,
     stored_message_verifier,
 )
-from bridge.consumer.retry import ROUTING_KEY_HEADER, RetryQueues, retry_count
+from bridge.consumer.retry import (
+    CONNECTION_GONE,
+    ROUTING_KEY_HEADER,
+    RetryQueues,
+    retry_count,
+    settle,
+)
 from bridge.consumer.stores import IdempotencyStore
 from bridge.dedup.store import ClaimState, StoreUnavailable
 from bridge.events import parse_event
 from bridge.extras import installed
+from bridge.nodes import (
+    BrokerNodes,
+    backoff,
+    describe,
+    first_answering,
+    node_address,
+    parse_node_urls,
+    retrieve_outcome,
+    with_heartbeat,
+    within,
+)
 from bridge.settings import DEFAULT_EXCHANGE
 from bridge.tracing import SpanFactory, handling
 
@@ -85,6 +104,17 @@ class EventConsumer(PatternReader):
     :mod:`bridge.consumer.retry`). ``ca_file`` verifies an ``amqps://`` broker
     against that CA bundle instead of the system's. ``declare=False`` takes the named
     queue as it is, declared with its bindings elsewhere, and only checks that it exists.
+
+    ``amqp_url`` is one node's URL or a cluster's comma-separated list, as the bridge
+    takes them (``BRIDGE_AMQP_URL``). The consumer connects to one node (the list shuffled
+    once, or by ``rng``, so that consumers spread), with ``heartbeat``-second heartbeats.
+    When it loses that node, or the node freezes for (heartbeat + 1) x 3 seconds, it
+    connects to the next one, in rounds spaced by backoff with jitter, declares and binds
+    its queues again and goes on in the same iteration (and :meth:`run` loop): the
+    messages it had not acknowledged come back from the broker, and an ``idempotency``
+    store skips those already handled. A temporary queue is a new, empty one after a
+    failover; a named queue keeps what arrived meanwhile. Every broker call is bounded
+    by ``timeout`` seconds.
     """
 
     def __init__(
@@ -104,8 +134,10 @@ class EventConsumer(PatternReader):
         busy_retry_seconds: float = 1.0,
         ca_file: str | Path | None = None,
         timeout: float = 10.0,
+        heartbeat: int = 10,
         clock: Callable[[], float] = time.time,
         declare: bool = True,
+        rng: random.Random | None = None,
     ) -> None:
         super().__init__(exchange, patterns)
         if not declare and not queue:
@@ -124,7 +156,12 @@ class EventConsumer(PatternReader):
             raise ValueError("max_age must be positive (or None: no limit)")
         if busy_retry_seconds <= 0:
             raise ValueError("busy_retry_seconds must be positive")
-        self._amqp_url = amqp_url
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if heartbeat < 1:
+            raise ValueError("heartbeat must be at least 1 second")
+        self._rng = rng or random.Random()  # noqa: S311  # node order and jitter, not secrets
+        self._nodes = BrokerNodes(parse_node_urls(amqp_url), self._rng)
         self._queue_name = queue
         self._prefetch = prefetch
         self._quorum = quorum
@@ -136,10 +173,11 @@ class EventConsumer(PatternReader):
         self._busy_retry_seconds = busy_retry_seconds
         self._ca_file = ca_file
         self._timeout = timeout
+        self._heartbeat = heartbeat
         self._clock = clock
         self._declare = declare
-        self._connection: AbstractRobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
+        self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._retry_queues: RetryQueues | None = None
         self._stream: AsyncGenerator[Delivery, None] | None = None
@@ -147,10 +185,21 @@ class EventConsumer(PatternReader):
         self.rejections: Counter[str] = Counter()
         """Messages rejected here, by reason: ``signature``, ``not_an_event``,
         ``routing_key``, ``too_old``, ``handler_failed``."""
+        self._closing_connections: set[asyncio.Future[None]] = set()
+        self.reconnects = 0
+        """How many times the consumer connected again after losing its connection."""
 
     @property
     def queue_name(self) -> str:
         return self._open_queue().name
+
+    @property
+    def node(self) -> str | None:
+        """``host:port`` of the node the consumer is connected to, if it is."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return None
+        return self._nodes.current
 
     @property
     def retry_queue_names(self) -> tuple[str, ...]:
@@ -158,37 +207,102 @@ class EventConsumer(PatternReader):
         return () if self._retry_queues is None else self._retry_queues.names
 
     async def __aenter__(self) -> Self:
-        async with contextlib.AsyncExitStack() as on_failure:
-            async with asyncio.timeout(self._timeout):
-                connection = await connect_to_a_node(
-                    self._amqp_url,
-                    aio_pika.connect_robust,
-                    attempt_seconds=self._timeout,
-                    ca_file=self._ca_file,
-                )
-                on_failure.push_async_callback(connection.close)
-                await require_exchange(connection, self._exchange)
-                # Returned copies (a retry queue deleted under us) must fail their publish.
-                channel = await connection.channel(on_return_raises=True)
-                await channel.set_qos(prefetch_count=self._prefetch)
-                queue = await self._declare_queue(channel)
-            named = self._queue_name is not None
-            if named and self._declare and not self._dead_letter_exchange:
-                logger.warning(
-                    "queue %s has no dead-letter exchange: the messages it rejects are dropped",
-                    queue.name,
-                )
+        await self._connect()
+        if self._queue_name is not None and self._declare and not self._dead_letter_exchange:
+            logger.warning(
+                "queue %s has no dead-letter exchange: the messages it rejects are dropped",
+                self._queue_name,
+            )
+        return self
+
+    async def _connect(self) -> None:
+        """Connect to the first node of this round that answers, then declare and bind
+        the queue (its dead letters too) on a new channel; raise if either fails."""
+        url, connection = await first_answering(
+            self._nodes,
+            lambda url: aio_pika.connect(
+                with_heartbeat(url, self._heartbeat),
+                ssl_context=tls_context(str(url), self._ca_file),
+                client_properties={"connection_name": CONNECTION_NAME},
+                timeout=self._timeout,
+            ),
+            attempt_seconds=self._timeout,
+        )
+        try:
+            channel, queue = await within(self._timeout, self._declare_on(connection))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await within(self._timeout, connection.close())
+            raise
+        if self._retry_queues is None or self._queue_name is None:
             self._retry_queues = RetryQueues(
                 channel,
                 queue.name,
-                named=named,
+                named=self._queue_name is not None,
                 queue_arguments=self._queue_arguments(dead_letter_exchange=""),
                 timeout=self._timeout,
             )
-            self._spans = _consumer_spans(queue.name)
-            self._connection, self._channel, self._queue = connection, channel, queue
-            on_failure.pop_all()
-        return self
+        else:
+            self._retry_queues = self._retry_queues.on(channel)
+        self._spans = _consumer_spans(queue.name)
+        self._connection, self._channel, self._queue = connection, channel, queue
+        if self._nodes.connected_to(url):
+            self.reconnects += 1
+        logger.info("consuming from %s on broker node %s", queue.name, node_address(url))
+
+    async def _declare_on(
+        self, connection: AbstractConnection
+    ) -> tuple[AbstractChannel, AbstractQueue]:
+        """Declare and bind on the first connection; after a failover, check that a named
+        queue is still there and declare it again only if not. A passive check reads the
+        node's own copy of the metadata, so it answers even while a frozen node holds up
+        every cluster-wide change until the other nodes declare it down (net_ticktime)."""
+        await require_exchange(connection, self._exchange)
+        # Returned copies (a retry queue deleted under us) must fail their publish.
+        channel = await connection.channel(on_return_raises=True)
+        await channel.set_qos(prefetch_count=self._prefetch)
+        if self._queue_name is not None and self._queue is not None:
+            if await _queue_exists(connection, self._queue_name):
+                return channel, await channel.get_queue(self._queue_name, ensure=False)
+            logger.warning("queue %s went missing; declaring it again", self._queue_name)
+        return channel, await self._declare_queue(channel)
+
+    async def _reconnect(self) -> None:
+        """Connect again, to the next node first if the connection was lost, in rounds
+        spaced by backoff with jitter, until connected and declared."""
+        lost, lost_at = self._connection, time.monotonic()
+        # Whether the node went or only the channel did (the connection learns a little
+        # later), the next node of the round is tried first: in a cluster, any will do.
+        logger.warning(
+            "lost the consuming channel on broker node %s; failing over", self._nodes.current
+        )
+        self._nodes.lost_current()
+        self._connection = self._channel = None
+        if lost is not None and not lost.is_closed:
+            # Closing towards a frozen node can take minutes: not waited for, but held on
+            # to until done (the event loop keeps only weak references to tasks).
+            closing = asyncio.ensure_future(lost.close())
+            self._closing_connections.add(closing)
+            closing.add_done_callback(self._closing_connections.discard)
+            closing.add_done_callback(retrieve_outcome)
+        failures, last_problem = 0, ""
+        while True:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # no node can serve the queue yet
+                problem = describe(error)
+                if problem != last_problem:
+                    logger.warning("cannot consume yet: %s", problem)
+                failures, last_problem = failures + 1, problem
+                await asyncio.sleep(backoff(failures, self._rng))
+                continue
+            logger.info(
+                "consuming again %.1f s after losing the connection",
+                time.monotonic() - lost_at,
+            )
+            return
 
     async def __aexit__(
         self,
@@ -228,7 +342,8 @@ class EventConsumer(PatternReader):
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if concurrency > self._prefetch:
-            await self._open_channel().set_qos(prefetch_count=concurrency)
+            self._prefetch = concurrency  # on every channel from now on
+            await within(self._timeout, self._open_channel().set_qos(prefetch_count=concurrency))
         deliveries = aiter(self)
         free = asyncio.Semaphore(concurrency)
         try:
@@ -267,21 +382,14 @@ class EventConsumer(PatternReader):
                 settle = delivery.reject
         else:
             settle = delivery.ack
-        try:
-            await settle()
-        except aiormq.exceptions.ChannelInvalidStateError:
-            # The connection dropped with this delivery unsettled: the broker hands
-            # it out again after the robust connection is back, so carry on.
-            logger.warning(
-                "connection lost before settling; the broker will redeliver", extra=context
-            )
+        await settle()  # a connection lost meanwhile is logged: the broker redelivers it
 
     def _open_queue(self) -> AbstractQueue:
         if self._queue is None:
             raise RuntimeError("use the consumer inside 'async with'")
         return self._queue
 
-    def _open_channel(self) -> AbstractRobustChannel:
+    def _open_channel(self) -> AbstractChannel:
         if self._channel is None:
             raise RuntimeError("use the consumer inside 'async with'")
         return self._channel
@@ -299,7 +407,7 @@ class EventConsumer(PatternReader):
                 arguments["x-overflow"] = "reject-publish"
         return arguments
 
-    async def _declare_queue(self, channel: AbstractRobustChannel) -> AbstractQueue:
+    async def _declare_queue(self, channel: AbstractChannel) -> AbstractQueue:
         if not self._declare:
             return await channel.declare_queue(self._queue_name, passive=True)
         if self._dead_letter_exchange:
@@ -316,7 +424,7 @@ class EventConsumer(PatternReader):
             await queue.bind(self._exchange, routing_key=pattern)
         return queue
 
-    async def _declare_dead_letters(self, channel: AbstractRobustChannel, name: str) -> None:
+    async def _declare_dead_letters(self, channel: AbstractChannel, name: str) -> None:
         # Without a queue behind it, a dead-letter exchange silently discards what it receives.
         exchange = await channel.declare_exchange(name, ExchangeType.FANOUT, durable=True)
         arguments: _QueueArguments = (
@@ -328,11 +436,21 @@ class EventConsumer(PatternReader):
         await queue.bind(exchange)
 
     async def _deliveries(self, queue: AbstractQueue) -> AsyncGenerator[Delivery, None]:
-        async with queue.iterator() as messages:
-            async for message in messages:
-                delivery = await self._admit(message)
-                if delivery is not None:
-                    yield delivery
+        """The queue's events, across connections: when the channel closes (its node lost,
+        frozen past the heartbeat, or the broker closing it), connect to another node, find
+        the queue there (declaring it only if it went missing) and go on, as one stream."""
+        while True:
+            channel = self._open_channel()
+            with contextlib.suppress(*CONNECTION_GONE):
+                async with queue.iterator() as messages:
+                    async for message in messages:
+                        if channel.is_closed:
+                            continue  # taken before the channel closed: it comes back
+                        delivery = await self._admit(message)
+                        if delivery is not None:
+                            yield delivery
+            await self._reconnect()
+            queue = self._open_queue()
 
     async def _admit(self, message: AbstractIncomingMessage) -> Delivery | None:
         """The message as a :class:`Delivery`, or ``None`` when it was settled here."""
@@ -361,7 +479,12 @@ class EventConsumer(PatternReader):
         if store is not None and not await self._claim(store, message, routing_key, context):
             return None
         return Delivery(
-            event, message, store, routing_key=routing_key, retry_queues=self._retry_queues
+            event,
+            message,
+            store,
+            routing_key=routing_key,
+            retry_queues=self._retry_queues,
+            settle_timeout=self._timeout,
         )
 
     async def _claim(
@@ -382,7 +505,7 @@ class EventConsumer(PatternReader):
             state = ClaimState.IN_FLIGHT
         if state is ClaimState.CONFIRMED:
             logger.info("skipping a message already handled", extra=context)
-            await message.ack()
+            await settle(message.ack(), message, self._timeout)
             return False
         if state is ClaimState.IN_FLIGHT:
             # By then its other copy is done or released (or the store is back).
@@ -404,7 +527,7 @@ class EventConsumer(PatternReader):
     ) -> None:
         self.rejections[reason] += 1
         logger.warning(_REFUSALS[reason], extra={**context, "reason": problem})
-        await message.reject(requeue=False)
+        await settle(message.reject(requeue=False), message, self._timeout)
 
     def _published_routing_key(self, message: AbstractIncomingMessage) -> str | None:
         """The routing key the message claims to have been published with, or ``None`` for
@@ -435,6 +558,16 @@ class EventConsumer(PatternReader):
         if self._retry_queues is None:
             raise RuntimeError("use the consumer inside 'async with'")
         return self._retry_queues
+
+
+async def _queue_exists(connection: AbstractConnection, name: str) -> bool:
+    # A failed passive declare closes its channel, so it gets one of its own.
+    async with connection.channel() as probe:
+        try:
+            await probe.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+    return True
 
 
 def _first_problem(error: ValidationError) -> str:

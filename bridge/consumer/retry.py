@@ -15,13 +15,14 @@ and the acknowledgement leaves two copies, which the idempotency store tells apa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, DeliveryMode
+
+from bridge.nodes import describe, within
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,13 @@ _BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
-_FAILURES = (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError)
+CONNECTION_GONE = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
+"""What consuming or settling raises once the channel or its connection is gone."""
+_FAILURES = (*CONNECTION_GONE, TimeoutError)
 
 
 def retry_queue_name(queue: str, delay_ms: int) -> str:
@@ -89,6 +96,20 @@ class RetryQueues:
         self._by_delay: dict[int, str] = {}
         self._declaring = asyncio.Lock()
 
+    def on(self, channel: AbstractChannel) -> RetryQueues:
+        """These retry queues, used from ``channel`` (after a failover): a named queue's are
+        durable and not declared again; a temporary one's went with their connection."""
+        moved = RetryQueues(
+            channel,
+            self._queue,
+            named=self._named,
+            queue_arguments=self._queue_arguments,
+            timeout=self._timeout,
+        )
+        if self._named:
+            moved._by_delay = dict(self._by_delay)
+        return moved
+
     @property
     def names(self) -> tuple[str, ...]:
         """The retry queues declared so far."""
@@ -113,10 +134,9 @@ class RetryQueues:
                 "could not hand a message to its retry queue; requeueing it",
                 extra={"message_id": message.message_id, "reason": str(error) or repr(error)},
             )
-            with contextlib.suppress(*_FAILURES):  # a closed channel returns it anyway
-                await message.reject(requeue=True)
+            await settle(message.reject(requeue=True), message, self._timeout)
             return
-        await message.ack()
+        await settle(message.ack(), message, self._timeout)
 
     async def _queue_for(self, delay: int) -> str:
         async with self._declaring:
@@ -137,6 +157,19 @@ class RetryQueues:
                     )
                 self._by_delay[delay] = queue.name
             return self._by_delay[delay]
+
+
+async def settle(action: Awaitable[None], message: AbstractIncomingMessage, seconds: float) -> None:
+    """Acknowledge or reject ``message`` through ``action`` within ``seconds``. Its channel
+    may be gone (the connection lost): the broker then delivers the message again, so that
+    is logged, not raised."""
+    try:
+        await within(seconds, action)
+    except _FAILURES as error:
+        logger.warning(
+            "connection lost before settling; the broker will redeliver the message",
+            extra={"message_id": message.message_id, "reason": describe(error)},
+        )
 
 
 def _copy(message: AbstractIncomingMessage, *, routing_key: str, retries: int) -> aio_pika.Message:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from aio_pika.abc import (
 )
 
 from bridge.archive import ArchiveNotFoundError, ArchiveStalledError, history, open_archive
+from bridge.nodes import BrokerNodes, first_answering, within
 from bridge.publisher import Topology
 from bridge.replay.decision import (
     REPLAYED_AT_HEADER,
@@ -193,27 +195,25 @@ async def replay(
 
 @contextlib.asynccontextmanager
 async def _connect(settings: Settings) -> AsyncIterator[AbstractConnection]:
-    problems = []
-    for url in settings.amqp_urls:
-        try:
-            async with asyncio.timeout(settings.publish_timeout):
-                connection = await aio_pika.connect(
-                    url,
-                    ssl_context=settings.amqp_ssl_context(url),
-                    client_properties={"connection_name": CONNECTION_NAME},
-                    timeout=settings.publish_timeout,
-                )
-        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as error:
-            problems.append(f"{url.host}:{url.port}: {_describe(error)}")
-            continue
-        try:
-            yield connection
-        finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(settings.publish_timeout):
-                    await connection.close()
-        return
-    raise ReplayError("no broker node answered: " + "; ".join(problems))
+    nodes = BrokerNodes(settings.amqp_urls, random.Random())  # noqa: S311  # spreading only
+    try:
+        _, connection = await first_answering(
+            nodes,
+            lambda url: aio_pika.connect(
+                url,
+                ssl_context=settings.amqp_ssl_context(url),
+                client_properties={"connection_name": CONNECTION_NAME},
+                timeout=settings.publish_timeout,
+            ),
+            attempt_seconds=settings.publish_timeout,
+        )
+    except ConnectionError as error:
+        raise ReplayError(str(error)) from None
+    try:
+        yield connection
+    finally:
+        with contextlib.suppress(Exception):
+            await within(settings.publish_timeout, connection.close())
 
 
 async def _check_exists(
