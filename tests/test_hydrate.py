@@ -350,8 +350,12 @@ async def test_the_standin_answers_the_sdk_for_every_hydration(hydrating: Hydrat
     assert called == expected_paths
 
 
-async def test_every_hydratable_type_arrives_as_the_apis_exact_bytes(hydrating: Hydrating) -> None:
-    await hydrating.start_worker()
+async def test_every_hydratable_type_arrives_as_the_apis_exact_bytes(
+    hydrating: Hydrating, tmp_path: Path
+) -> None:
+    settings = hydrating.settings(sources="main")
+    settings.load_source_keys(tmp_path, {"OPENAI_API_KEY_MAIN": hydrating.standin.api_key})
+    await hydrating.start_worker(settings)
     sent = [
         await hydrating.publish_hydratable(event_type, source="main" if index % 2 else None)
         for index, event_type in enumerate(HYDRATABLE_TYPES)
@@ -786,9 +790,11 @@ def test_hydration_covers_each_family_once() -> None:
 
 
 async def test_the_consumer_library_yields_each_object_as_the_sdks_type(
-    hydrating: Hydrating,
+    hydrating: Hydrating, tmp_path: Path
 ) -> None:
-    await hydrating.start_worker()
+    settings = hydrating.settings(sources="main")
+    settings.load_source_keys(tmp_path, {"OPENAI_API_KEY_MAIN": hydrating.standin.api_key})
+    await hydrating.start_worker(settings)
     consumer = ObjectConsumer(AMQP_URL, exchange=hydrating.exchange, patterns=["batch.*"])
     async with consumer:
         await hydrating.publish_hydratable("response.completed")  # not bound: not read here
