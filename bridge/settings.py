@@ -22,7 +22,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from yarl import URL
 
 from bridge.extras import installed
+from bridge.redis_url import RedisLocation, parse_redis_url
 from bridge.signature import decode_secret_list
+from bridge.urls import redact_url as redact_url  # where the rest of the package takes it from
 
 ENV_PREFIX = "BRIDGE_"
 SECRETS_DIR_VARIABLE = f"{ENV_PREFIX}SECRETS_DIR"
@@ -173,7 +175,9 @@ class Settings(BaseSettings):
     )
     dedup_url: SecretStr = Field(
         default=SecretStr(""),
-        description="redis:// or rediss:// URL of a Redis shared by all pods; "
+        description="The Redis shared by all pods: redis:// or rediss:// (one Redis), "
+        "redis+sentinel://host:port[,host:port...]/service_name[/db] (Sentinels and the "
+        "master's name), redis+cluster://host:port[,host:port...] (Cluster seed nodes); "
         "empty: deduplicate in this process only.",
     )
     dedup_window: Annotated[
@@ -245,9 +249,7 @@ class Settings(BaseSettings):
         text = value.get_secret_value()
         if not text:
             return value
-        url = URL(text)
-        if url.scheme not in ("redis", "rediss") or not url.host:
-            raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
+        parse_redis_url(text)
         if not installed("redis"):
             raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
         return value
@@ -319,8 +321,12 @@ class Settings(BaseSettings):
         return 2 * self.publish_timeout + 1
 
     @property
+    def dedup_location(self) -> RedisLocation:
+        return parse_redis_url(self.dedup_url.get_secret_value())
+
+    @property
     def dedup_url_redacted(self) -> str:
-        return redact_url(URL(self.dedup_url.get_secret_value()))
+        return self.dedup_location.redacted
 
     @cached_property
     def signing_keys(self) -> tuple[bytes, ...]:
@@ -347,18 +353,6 @@ class Settings(BaseSettings):
         return ssl.create_default_context(
             cafile=str(self.amqp_ca_file) if self.amqp_ca_file else None
         )
-
-
-_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pass", "username", "user"})
-
-
-def redact_url(url: URL) -> str:
-    """The URL as it may be logged: a password, whether in the authority or as a query
-    argument (redis-py takes ``?password=``), replaced by ``***``."""
-    if url.password:
-        url = url.with_password("***")
-    hidden = {key: "***" for key in url.query if key.lower() in _SECRET_QUERY_KEYS}
-    return str(url.update_query(hidden) if hidden else url)
 
 
 def _split_amqp_urls(value: SecretStr) -> tuple[URL, ...]:

@@ -178,7 +178,6 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
-
 def broker_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--amqp-url`` and ``--exchange``, where given."""
     return {
