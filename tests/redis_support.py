@@ -90,6 +90,8 @@ class PrivateRedis:
     process: subprocess.Popen[bytes] | None = None
     options: tuple[str, ...] = ()
     """More ``--name value`` arguments for ``redis-server``."""
+    sentinel_lines: tuple[str, ...] = ()
+    """If any: run a Sentinel, with these lines in its (writable) configuration file."""
 
     @property
     def url(self) -> str:
@@ -99,8 +101,14 @@ class PrivateRedis:
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.skip("redis-server is not installed")
-        command = [executable, "--bind", "127.0.0.1", "--port", str(self.port)]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        command = [executable]
+        if self.sentinel_lines:
+            config = self.directory / f"sentinel-{self.port}.conf"
+            config.write_text("\n".join(self.sentinel_lines) + "\n")
+            command += [str(config), "--sentinel"]
+        command += ["--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory)]
+        if not self.sentinel_lines:
+            command += ["--save", "", "--appendonly", "no"]
         command += self.options
         self.process = subprocess.Popen(
             command,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,8 @@ class DeliveryReport:
     accepted: set[str] = field(default_factory=set)
     accepted_attempts: list[tuple[float, float]] = field(default_factory=list)
     """(sent, answered) monotonic times of each attempt answered with a 2xx."""
+    accepted_bodies: dict[str, tuple[float, bytes]] = field(default_factory=dict)
+    """When each accepted id was answered 2xx, and its body: to deliver it again."""
     statuses: Counter[int] = field(default_factory=Counter)
     connection_errors: int = 0
     given_up: set[str] = field(default_factory=set)
@@ -38,6 +41,11 @@ class DeliveryReport:
     @property
     def server_errors_other_than_503(self) -> dict[int, int]:
         return {status: n for status, n in self.statuses.items() if status >= 500 and status != 503}
+
+    def longest_2xx_gap_after(self, moment: float) -> float:
+        """The longest wait between two successive 2xx answers from ``moment`` on."""
+        answered = sorted(end for _start, end in self.accepted_attempts if end >= moment)
+        return max((b - a for a, b in itertools.pairwise(answered)), default=0.0)
 
     def first_2xx_sent_after(self, moment: float) -> float:
         """Seconds from ``moment`` to the answer of the first 2xx'd attempt sent after it."""
@@ -117,6 +125,7 @@ class OpenAILikeSender:
                         async with self._progress:
                             self.report.accepted.add(webhook_id)
                             self.report.accepted_attempts.append((sent, time.monotonic()))
+                            self.report.accepted_bodies[webhook_id] = (time.monotonic(), body)
                             self._progress.notify_all()
                         return
             except (aiohttp.ClientError, TimeoutError):

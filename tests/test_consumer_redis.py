@@ -67,7 +67,7 @@ async def test_claim_done_and_release_against_redis(namespace: str, redis_client
         assert await remembers(redis_client, prefix, "wh_1")
         [hash_name] = await remembering_hashes(redis_client, prefix)
         window_ms = 73 * 3600 * 1000
-        assert window_ms < await redis_client.pttl(hash_name) <= window_ms * 9 / 8
+        assert window_ms < await redis_client.pttl(hash_name) <= window_ms * 5 / 4
 
 
 def test_a_namespace_is_required() -> None:

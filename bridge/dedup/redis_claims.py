@@ -10,7 +10,7 @@ A confirmed id costs about 25 bytes of Redis memory, not a key of its own (about
   hash, ``<prefix>{g}:c:<bucket>:<shard>``. ``<bucket>`` numbers the stretch of
   ``window / BUCKETS`` during which it was confirmed (Redis's clock), and each bucket's
   hashes expire together one window after the bucket ends, so an id is remembered for
-  one window and at most an eighth more. Within a bucket, ids are spread over as many
+  one window and at most a quarter more. Within a bucket, ids are spread over as many
   shards as keep each one at 36 to 72 fields on average (linear hashing: one shard is
   split in two each time the bucket's count grows by 36, its fields moved by a script),
   so every hash stays in Redis's compact listpack encoding (up to 128 fields by default,
@@ -59,8 +59,9 @@ logger = logging.getLogger(__name__)
 GROUPS = 1024
 """Hash-tagged groups of ids: enough to spread over a cluster's masters, few enough that
 100,000 ids in a window fill each group's hashes with tens of fields."""
-BUCKETS = 8
-"""A window is remembered in this many buckets of time, plus the one filling now."""
+BUCKETS = 4
+"""A window is remembered in this many buckets of time, plus the one filling now: a claim
+looks in each (more buckets: less memory held past the window, more work per claim)."""
 DIGEST_BYTES = 16
 """128 bits: two different ids share a digest with a probability of about 10^-22 among
 300 million, which would answer the later one as a duplicate."""
@@ -143,9 +144,9 @@ if redis.call('HSET', shard, digest, '') == 1 then
     for _, old in ipairs(redis.call('HKEYS', KEYS[2])) do
       if tonumber(old) < bucket - BUCKETS - 1 then redis.call('HDEL', KEYS[2], old) end
     end
+    redis.call('PEXPIREAT', KEYS[2], expire_at)
   end
   redis.call('HSET', KEYS[2], bucket, count + 1)
-  redis.call('PEXPIREAT', KEYS[2], expire_at)
   local before = shards(count)
   if shards(count + 1) > before then
     -- Linear hashing: shard (before - low) splits into itself and the new shard `before`.
