@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from redis.exceptions import RedisError
 
 from tests.redis_support import PrivateRedis, redis_port
 
@@ -58,8 +59,10 @@ class SentinelSet:
     def wait_replicated(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         with Redis(port=self.master.port, socket_timeout=2) as master:
-            while int(master.info("replication")["connected_slaves"]) < 1:
-                assert time.monotonic() < deadline, "the replica did not connect"
+            # Online, not only connected: a replica waits for its first full copy a few
+            # seconds (repl-diskless-sync-delay), and promoted then it would hold nothing.
+            while master.info("replication").get("slave0", {}).get("state") != "online":
+                assert time.monotonic() < deadline, "the replica did not catch up"
                 time.sleep(0.1)
         for sentinel in self.sentinels:
             with Redis(port=sentinel.port, socket_timeout=2) as client:
@@ -114,27 +117,38 @@ class RedisClusterNodes:
         seeds = ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:3])
         return f"redis+cluster://{seeds}"
 
+    def slots(self) -> list[tuple[int, int, int, list[int]]]:
+        """Each slot range: its first and last slot, its master's port, its replicas' ports."""
+        for node in self.nodes:
+            try:
+                with Redis(port=node.port, socket_timeout=2) as client:
+                    reply = client.execute_command("CLUSTER", "SLOTS")
+            except RedisError:
+                continue  # stopped
+            return [
+                (int(start), int(end), int(master[1]), [int(r[1]) for r in replicas])
+                for start, end, master, *replicas in reply
+            ]
+        raise AssertionError("no node is running")
+
     def masters(self) -> dict[int, list[tuple[int, int]]]:
         """Each master's port and the slot ranges it serves now."""
-        with Redis(port=self.nodes[0].port, socket_timeout=2) as client:
-            reply = client.execute_command("CLUSTER", "SLOTS")
         ranges: dict[int, list[tuple[int, int]]] = {}
-        for start, end, master, *_replicas in reply:
-            ranges.setdefault(int(master[1]), []).append((int(start), int(end)))
+        for start, end, master, _replicas in self.slots():
+            ranges.setdefault(master, []).append((start, end))
         return ranges
 
     def node_on(self, port: int) -> PrivateRedis:
         return next(node for node in self.nodes if node.port == port)
 
     def replica_of(self, port: int) -> int:
-        with Redis(port=self.nodes[0].port, socket_timeout=2) as client:
-            reply = client.execute_command("CLUSTER", "SLOTS")
-        for _start, _end, master, *replicas in reply:
-            if int(master[1]) == port and replicas:
-                return int(replicas[0][1])
+        for _start, _end, master, replicas in self.slots():
+            if master == port and replicas:
+                return replicas[0]
         raise AssertionError(f"the master on {port} has no replica")
 
     def wait_healthy(self, masters: int = 3, timeout: float = 30.0) -> None:
+        """Until every node says the cluster is ok and each master has its replica."""
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError, ValueError):
@@ -143,7 +157,12 @@ class RedisClusterNodes:
                 for node in live:
                     with Redis(port=node.port, socket_timeout=1) as client:
                         states.append(client.cluster("info")["cluster_state"])
-                if set(states) == {"ok"} and len(self.masters()) == masters:
+                slots = self.slots()
+                if (
+                    set(states) == {"ok"}
+                    and len({master for _s, _e, master, _r in slots}) == masters
+                    and all(replicas for _s, _e, _m, replicas in slots)
+                ):
                     return
             assert time.monotonic() < deadline, "the cluster did not become healthy"
             time.sleep(0.2)

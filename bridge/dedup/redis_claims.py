@@ -34,6 +34,7 @@ expired by itself. Not in a cluster, which never held the previous layout.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
@@ -45,7 +46,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bridge.dedup.redis_pipeline import Command, Commands
+from bridge.dedup.redis_pipeline import Commands
 from bridge.dedup.store import Claim, ClaimState, StoreUnavailable
 from bridge.extras import MissingExtraError
 
@@ -268,9 +269,13 @@ class RedisClaims:
         tags = [
             self._tag_of_group(group) for group in range(GROUPS if self.commands.sharded else 1)
         ]
-        writes = [(b"SET", tag + self._probe_name, b"1", b"PX", b"5000") for tag in tags]
-        for write in [self.commands.run(command) for command in writes]:
-            await write
+        writes = [
+            self.commands.run((b"SET", tag + self._probe_name, b"1", b"PX", b"5000"))
+            for tag in tags
+        ]
+        for outcome in await asyncio.gather(*writes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _look(self, key: str, token: bytes, ttl_ms: bytes, mode: bytes) -> Any:
         digest = digest_of(key)
@@ -291,28 +296,26 @@ class RedisClaims:
         return (tag or self._tag(digest_of(key))) + b"i:" + key.encode()
 
     async def _check_listpack_limits(self) -> None:
-        command: Command = (b"CONFIG", b"GET", b"hash-max-listpack-*")
         try:
-            reply = await self.commands.run(command)
+            masters = await self.commands.config_get("hash-max-listpack-*")
         except StoreUnavailable:
             # CONFIG is often renamed or refused by managed Redis: nothing to check then.
             logger.debug("could not read Redis's hash-max-listpack-* settings")
             return
-        # A map in RESP3, a flat list of names and values in RESP2.
-        pairs = zip(reply[::2], reply[1::2], strict=True) if isinstance(reply, list) else ()
-        limits = reply if isinstance(reply, dict) else dict(pairs)
-        entries = int(limits.get(b"hash-max-listpack-entries", LISTPACK_ENTRIES_NEEDED))
-        value = int(limits.get(b"hash-max-listpack-value", DIGEST_BYTES))
-        if entries < LISTPACK_ENTRIES_NEEDED or value < DIGEST_BYTES:
-            logger.warning(
-                "Redis has hash-max-listpack-entries %d and hash-max-listpack-value %d: "
-                "remembered ids will take about four times the memory; set them to at "
-                "least %d and %d (Redis's defaults)",
-                entries,
-                value,
-                LISTPACK_ENTRIES_NEEDED,
-                DIGEST_BYTES,
-            )
+        for limits in masters:
+            entries = int(limits.get("hash-max-listpack-entries", LISTPACK_ENTRIES_NEEDED))
+            value = int(limits.get("hash-max-listpack-value", DIGEST_BYTES))
+            if entries < LISTPACK_ENTRIES_NEEDED or value < DIGEST_BYTES:
+                logger.warning(
+                    "Redis has hash-max-listpack-entries %d and hash-max-listpack-value %d: "
+                    "remembered ids will take about four times the memory; set them to at "
+                    "least %d and %d (Redis's defaults)",
+                    entries,
+                    value,
+                    LISTPACK_ENTRIES_NEEDED,
+                    DIGEST_BYTES,
+                )
+                return
 
 
 def state_of(value: Any) -> ClaimState:

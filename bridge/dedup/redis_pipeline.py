@@ -28,7 +28,14 @@ try:
     from redis.asyncio.retry import Retry
     from redis.asyncio.sentinel import Sentinel
     from redis.backoff import NoBackoff
-    from redis.exceptions import NoScriptError, RedisError, ResponseError
+    from redis.exceptions import (
+        ClusterDownError,
+        NoScriptError,
+        RedisError,
+        ResponseError,
+    )
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 except ImportError as missing:
     raise MissingExtraError(__name__, "redis") from missing
 
@@ -49,6 +56,10 @@ class Commands(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+    async def config_get(self, pattern: str) -> list[dict[str, str]]:
+        """``CONFIG GET pattern`` on every master. Raises :class:`StoreUnavailable`."""
+        ...
 
 
 def connect(location: RedisLocation, *, timeout: float) -> Commands:
@@ -113,6 +124,8 @@ def pack(commands: list[Command]) -> bytes:
     return b"".join(parts)
 
 
+_NODE_LOST = (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError)
+
 Batch = list[tuple[Command, "asyncio.Future[Any]"]]
 
 
@@ -143,6 +156,10 @@ class PipelinedCommands:
         if len(self._pending) == 1:
             loop.call_soon(self._send)
         return future
+
+    async def config_get(self, pattern: str) -> list[dict[str, str]]:
+        reply = await self.run((b"CONFIG", b"GET", pattern.encode()))
+        return [_text_map(reply)]
 
     async def close(self) -> None:
         for pipeline in self._pipelines:
@@ -209,16 +226,68 @@ class ClusterCommands(PipelinedCommands):
 
     sharded = True
 
+    async def config_get(self, pattern: str) -> list[dict[str, str]]:
+        cluster: RedisCluster = self.client  # type: ignore[assignment]
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await cluster.config_get(pattern, target_nodes=RedisCluster.PRIMARIES)
+        except (RedisError, OSError, TimeoutError) as error:
+            raise StoreUnavailable(describe(error)) from None
+        # One master answers with its settings, several with their settings by node name.
+        values = list(replies.values())
+        if values and not isinstance(values[0], dict):
+            return [_text_map(replies)]
+        return [_text_map(value) for value in values]
+
     async def _round_trip(self, batch: Batch) -> None:
+        # Cancelled mid-reply, redis-py's cluster pipeline would keep its connections
+        # checked out for good (and soon have none left): at the deadline the callers are
+        # answered, and the pipeline is left to finish, bounded by each node's socket timeout.
+        pipeline = asyncio.get_running_loop().create_task(self._cluster_round_trip(batch))
+        self._pipelines.add(pipeline)
+        pipeline.add_done_callback(self._pipelines.discard)
+        pipeline.add_done_callback(_finished_alone)
+        await asyncio.shield(pipeline)
+
+    async def _cluster_round_trip(self, batch: Batch) -> None:
         pipeline = self.client.pipeline()
-        for command, _future in batch:
-            pipeline.execute_command(*command)
-        replies = await pipeline.execute(raise_on_error=False)
+        for (name, *arguments), _future in batch:
+            pipeline.execute_command(name.decode(), *arguments)  # routed by its name: a str
+        try:
+            replies = await pipeline.execute(raise_on_error=False)
+        except (RedisError, OSError):
+            await self._read_slots_again()
+            raise
         for (_command, future), reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
                 _fail(future, reply)
             elif not future.done():
                 future.set_result(reply)
+        if any(isinstance(reply, _NODE_LOST) for reply in replies):
+            await self._read_slots_again()
+
+    async def _read_slots_again(self) -> None:
+        """Forget the slot map (and drop the connections): the next pipeline asks a seed
+        node which master serves each slot now. A lost master's replica is promoted within
+        ``cluster-node-timeout`` and a little more; redis-py itself only looks again when
+        an error ends the whole pipeline."""
+        await self.client.aclose()
+
+
+def _text_map(reply: Any) -> dict[str, str]:
+    """A ``CONFIG GET`` reply (a map in RESP3, names and values in turn in RESP2) as text."""
+    pairs = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+    return {_text(name): _text(value) for name, value in pairs}
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _finished_alone(pipeline: asyncio.Task[None]) -> None:
+    """Retrieves what a pipeline left to finish after its deadline ended with."""
+    if not pipeline.cancelled():
+        pipeline.exception()
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
