@@ -42,6 +42,7 @@ from bench.processes import (
 )
 from bench.profiling import ProfilerUnavailable, ProfileSummary, record, summarise_collapsed
 from bench.publish_limit import watch_publish_limit
+from bench.redis_memory import used_memory
 from bench.relay import (
     RelayFailed,
     RelayProcess,
@@ -251,7 +252,10 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
     key = target.key
     duration = context.plan.duration_s
     rate = context.rate_estimate.get(key, RATE_GUESS)
+    memory_before = used_memory(context.plan.dedup_url) if key == BRIDGE_REDIS else None
     measured = await _drive(context, target, connections, duration, rate)
+    if memory_before is not None:
+        _note_redis_memory(context, connections, memory_before, measured.result.completed)
     if measured.result.exhausted_threads:
         # Never wrap around: rerun with a larger pool of fresh ids.
         context.report.notes.append(
@@ -280,6 +284,17 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
         problems=measured.problems,
         publish_limits=measured.publish_limits,
         detail=asdict(result),
+    )
+
+
+def _note_redis_memory(context: Context, connections: int, before: int, ids: int) -> None:
+    after = used_memory(context.plan.dedup_url)
+    if after is None or not ids:
+        return
+    context.report.notes.append(
+        f"{BRIDGE_REDIS} at {connections} connections: Redis's used_memory grew by "
+        f"{(after - before) / ids:.1f} bytes per answered request ({ids:,} unique ids; "
+        "meaningful only with a Redis of the run's own)"
     )
 
 
@@ -633,6 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dedup-url", default=DEFAULT_DEDUP_URL, help="Redis for the bridge-redis row"
     )
     parser.add_argument(
+        "--dedup-fill",
+        action="store_true",
+        help="only measure Redis memory per remembered id, filling the Redis at --dedup-url "
+        "(one of the run's own) straight through the store's scripts",
+    )
+    parser.add_argument(
         "--queue-type",
         choices=QUEUE_TYPES,
         default=QUORUM,
@@ -734,6 +755,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.instructions import run_instructions
 
         return run_instructions(args.instructions, args.instructions_warmup, args.results)
+    if args.dedup_fill:
+        from bench.redis_memory import run_fill
+
+        return run_fill(args.dedup_url)
     if args.soak is not None:
         from bench.soak import run_soak, soak_plan_from
 
