@@ -43,7 +43,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable
 from typing import Any
 
 from bridge.dedup.redis_pipeline import Commands
@@ -191,8 +191,8 @@ class Script:
         self.body = body
         self.sha = hashlib.sha1(body, usedforsecurity=False).hexdigest().encode()
 
-    async def run(self, commands: Commands, keys: Sequence[bytes], args: Sequence[bytes]) -> Any:
-        tail = (b"%d" % len(keys), *keys, *args)
+    async def run(self, commands: Commands, tail: tuple[bytes, ...]) -> Any:
+        """Run it with ``tail``: the number of keys, the keys, then the arguments."""
         try:
             return await commands.run((b"EVALSHA", self.sha, *tail))
         except NoScriptError:
@@ -204,6 +204,18 @@ _CONFIRM = Script(CONFIRM_SCRIPT)
 _RELEASE = Script(RELEASE_SCRIPT)
 
 
+class _Group:
+    """The names of one group's keys, built once: a claim costs no formatting."""
+
+    __slots__ = ("counts", "in_flight", "stem", "tag")
+
+    def __init__(self, prefix: bytes, group: int) -> None:
+        self.tag = prefix + b"{%d}:" % group
+        self.counts = self.tag + b"n"
+        self.stem = self.tag + b"c:"
+        self.in_flight = self.tag + b"i:"
+
+
 def digest_of(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=DIGEST_BYTES).digest()
 
@@ -211,6 +223,10 @@ def digest_of(key: str) -> bytes:
 def group_of(digest: bytes) -> int:
     # The last bytes: the scripts shard by the first four, so the two stay independent.
     return int.from_bytes(digest[-2:], "big") % GROUPS
+
+
+_TWO_KEYS = b"2"
+_THREE_KEYS = b"3"
 
 
 class RedisClaims:
@@ -221,6 +237,7 @@ class RedisClaims:
         self.prefix = prefix.encode()
         self.window_seconds = window_seconds
         self._bucket_ms = b"%d" % max(1, math.ceil(window_seconds * 1000 / BUCKETS))
+        self._groups = [_Group(self.prefix, group) for group in range(GROUPS)]
         owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._tokens = (f"inflight:{owner}:{n}".encode() for n in itertools.count())
         self._probe_name = f"probe:{socket.gethostname()}:{os.getpid()}".encode()
@@ -253,47 +270,45 @@ class RedisClaims:
 
     async def confirm(self, key: str, token: bytes = b"") -> None:
         """Remember ``key`` for the window, and drop our in-flight claim of it (``token``)."""
-        await self.confirm_digest(digest_of(key), self._in_flight_name(key), token)
+        name = key.encode()
+        digest = hashlib.blake2b(name, digest_size=DIGEST_BYTES).digest()
+        group = self._groups[group_of(digest)]
+        await self.confirm_digest(digest, group.in_flight + name, token)
 
     async def confirm_digest(self, digest: bytes, in_flight: bytes, token: bytes) -> None:
-        tag = self._tag(digest)
-        keys = (in_flight, tag + b"n")
-        await _CONFIRM.run(self.commands, keys, (tag + b"c:", digest, token, self._bucket_ms))
+        group = self._groups[group_of(digest)]
+        tail = (_TWO_KEYS, in_flight, group.counts, group.stem, digest, token, self._bucket_ms)
+        await _CONFIRM.run(self.commands, tail)
 
     async def release(self, claim: Claim) -> None:
-        await _RELEASE.run(self.commands, (self._in_flight_name(claim.key),), (claim.token,))
+        name = claim.key.encode()
+        group = self._groups[group_of(digest_of(claim.key))]
+        await _RELEASE.run(self.commands, (b"1", group.in_flight + name, claim.token))
 
     async def write_probe(self) -> None:
         """A write to every group's master (one, without a cluster): a replica (READONLY)
         or a full Redis (OOM) answers a PING too."""
-        tags = [
-            self._tag_of_group(group) for group in range(GROUPS if self.commands.sharded else 1)
-        ]
+        groups = self._groups if self.commands.sharded else self._groups[:1]
         writes = [
-            self.commands.run((b"SET", tag + self._probe_name, b"1", b"PX", b"5000"))
-            for tag in tags
+            self.commands.run((b"SET", group.tag + self._probe_name, b"1", b"PX", b"5000"))
+            for group in groups
         ]
         for outcome in await asyncio.gather(*writes, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 raise outcome
 
-    async def _look(self, key: str, token: bytes, ttl_ms: bytes, mode: bytes) -> Any:
-        digest = digest_of(key)
-        tag = self._tag(digest)
-        keys: tuple[bytes, ...] = (self._in_flight_name(key, tag), tag + b"n")
+    def _look(self, key: str, token: bytes, ttl_ms: bytes, mode: bytes) -> Awaitable[Any]:
+        name = key.encode()
+        digest = hashlib.blake2b(name, digest_size=DIGEST_BYTES).digest()
+        group = self._groups[group_of(digest)]
+        in_flight = group.in_flight + name
+        args = (group.stem, digest, token, ttl_ms, self._bucket_ms, mode)
+        tail: tuple[bytes, ...]
         if time.time() < self._previous_layout_until:
-            keys += (self.prefix + key.encode(),)
-        args = (tag + b"c:", digest, token, ttl_ms, self._bucket_ms, mode)
-        return await _CLAIM.run(self.commands, keys, args)
-
-    def _tag(self, digest: bytes) -> bytes:
-        return self._tag_of_group(group_of(digest))
-
-    def _tag_of_group(self, group: int) -> bytes:
-        return self.prefix + b"{%d}:" % group
-
-    def _in_flight_name(self, key: str, tag: bytes | None = None) -> bytes:
-        return (tag or self._tag(digest_of(key))) + b"i:" + key.encode()
+            tail = (_THREE_KEYS, in_flight, group.counts, self.prefix + name, *args)
+        else:
+            tail = (_TWO_KEYS, in_flight, group.counts, *args)
+        return _CLAIM.run(self.commands, tail)
 
     async def _check_listpack_limits(self) -> None:
         try:
