@@ -78,6 +78,8 @@ async def test_100_000_ids_cost_at_most_64_bytes_each(claims: RedisClaims, clien
     assert await client.keys(f"{PREFIX}{{*}}:i:*") == []  # every claim was dropped on confirm
     for name in await remembering_hashes(client, PREFIX):
         assert await client.object("encoding", name) == b"listpack"
+    for counts in await client.keys(f"{PREFIX}{{*}}:n"):
+        assert await client.pttl(counts) > WINDOW_SECONDS * 1000  # and expires with the rest
     states = await asyncio.gather(*(claims.state(key) for key in keys[::97]))
     assert set(states) == {ClaimState.CONFIRMED}
 

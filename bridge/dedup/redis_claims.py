@@ -1,6 +1,6 @@
 """Claims and confirmations in Redis, shared by every pod (and every consumer replica).
 
-A confirmed id costs about 25 bytes of Redis memory, not a key of its own (about 200):
+A confirmed id costs about 30 bytes of Redis memory, not a key of its own (about 200):
 
 - Ids are spread over ``GROUPS`` groups by a 16-byte BLAKE2b digest of the id. A group's
   keys share a hash tag (``<prefix>{<group>}:...``), so each group lives in one hash slot:
@@ -145,9 +145,9 @@ if redis.call('HSET', shard, digest, '') == 1 then
     for _, old in ipairs(redis.call('HKEYS', KEYS[2])) do
       if tonumber(old) < bucket - BUCKETS - 1 then redis.call('HDEL', KEYS[2], old) end
     end
-    redis.call('PEXPIREAT', KEYS[2], expire_at)
   end
   redis.call('HSET', KEYS[2], bucket, count + 1)
+  if count == 0 then redis.call('PEXPIREAT', KEYS[2], expire_at) end
   local before = shards(count)
   if shards(count + 1) > before then
     -- Linear hashing: shard (before - low) splits into itself and the new shard `before`.
