@@ -152,6 +152,15 @@ class Context:
     launch: Launch
     report: Report
     rate_estimate: dict[str, float] = field(default_factory=dict)
+    redis_memory: RedisMemory = field(default_factory=lambda: RedisMemory())
+
+
+@dataclass
+class RedisMemory:
+    """Redis's ``used_memory`` before the row's first point, and the ids sent since."""
+
+    before: int | None = None
+    ids: int = 0
 
 
 # --- one point --------------------------------------------------------------------------------
@@ -252,10 +261,12 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
     key = target.key
     duration = context.plan.duration_s
     rate = context.rate_estimate.get(key, RATE_GUESS)
-    memory_before = used_memory(context.plan.dedup_url) if key == BRIDGE_REDIS else None
+    memory = context.redis_memory
+    if key == BRIDGE_REDIS and memory.before is None:
+        memory.before = used_memory(context.plan.dedup_url)
     measured = await _drive(context, target, connections, duration, rate)
-    if memory_before is not None:
-        _note_redis_memory(context, connections, memory_before, measured.result.completed)
+    if key == BRIDGE_REDIS:
+        _note_redis_memory(context, connections, measured.result.completed)
     if measured.result.exhausted_threads:
         # Never wrap around: rerun with a larger pool of fresh ids.
         context.report.notes.append(
@@ -287,14 +298,18 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
     )
 
 
-def _note_redis_memory(context: Context, connections: int, before: int, ids: int) -> None:
+def _note_redis_memory(context: Context, connections: int, answered: int) -> None:
+    """Growth of ``used_memory`` per id since the row began: every request carries a new
+    id, and none expires within the run (``REDIS_DEDUP_WINDOW_S``)."""
+    memory = context.redis_memory
+    memory.ids += answered
     after = used_memory(context.plan.dedup_url)
-    if after is None or not ids:
+    if after is None or memory.before is None or not memory.ids:
         return
     context.report.notes.append(
-        f"{BRIDGE_REDIS} at {connections} connections: Redis's used_memory grew by "
-        f"{(after - before) / ids:.1f} bytes per answered request ({ids:,} unique ids; "
-        "meaningful only with a Redis of the run's own)"
+        f"{BRIDGE_REDIS} up to its point at {connections} connections: Redis's used_memory "
+        f"grew by {(after - memory.before) / memory.ids:.1f} bytes per answered request "
+        f"({memory.ids:,} unique ids; meaningful only with a Redis of the run's own)"
     )
 
 
