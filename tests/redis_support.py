@@ -101,6 +101,9 @@ class PrivateRedis:
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.skip("redis-server is not installed")
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            raise AssertionError(f"port {self.port} is taken: choose another {PORT_BASE_VARIABLE}")
         command = [executable]
         if self.sentinel_lines:
             config = self.directory / f"sentinel-{self.port}.conf"
