@@ -81,10 +81,9 @@ local function power_below(n)
   while low * 2 <= n do low = low * 2 end
   return low
 end
-local function shard_of(digest, count)
+local function shard_of(h, count)
   local n = shards(count)
   local low = power_below(n)
-  local h = struct.unpack('>I4', digest)
   local shard = h %% low
   if shard < n - low then shard = h %% (low * 2) end
   return shard
@@ -106,6 +105,7 @@ CLAIM_SCRIPT = (
     _SHARDS_LUA
     + b"""
 local stem, digest = ARGV[1], ARGV[2]
+local h = struct.unpack('>I4', digest)
 -- One bucket ahead: another server's clock (a replica promoted since) may be ahead.
 local newest = current_bucket(tonumber(ARGV[5])) + 1
 local buckets = {}
@@ -113,7 +113,7 @@ for bucket = newest - BUCKETS - 1, newest do buckets[#buckets + 1] = bucket end
 local counts = redis.call('HMGET', KEYS[2], unpack(buckets))
 for i = #buckets, 1, -1 do
   if counts[i] then
-    local shard = stem .. buckets[i] .. ':' .. shard_of(digest, tonumber(counts[i]))
+    local shard = stem .. buckets[i] .. ':' .. shard_of(h, tonumber(counts[i]))
     if redis.call('HEXISTS', shard, digest) == 1 then return 1 end
   end
 end
@@ -138,7 +138,7 @@ local bucket = current_bucket(width)
 local expire_at = (bucket + 1 + BUCKETS) * width
 local count = tonumber(redis.call('HGET', KEYS[2], bucket) or '0')
 local bucket_stem = stem .. bucket .. ':'
-local shard = bucket_stem .. shard_of(digest, count)
+local shard = bucket_stem .. shard_of(struct.unpack('>I4', digest), count)
 if redis.call('HSET', shard, digest, '') == 1 then
   redis.call('PEXPIREAT', shard, expire_at)
   if count == 0 then
