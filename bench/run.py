@@ -266,7 +266,8 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
         memory.before = used_memory(context.plan.dedup_url)
     measured = await _drive(context, target, connections, duration, rate)
     if key == BRIDGE_REDIS:
-        _note_redis_memory(context, connections, measured.result.completed)
+        result = measured.result
+        _note_redis_memory(context, connections, result.completed - result.non2xx)
     if measured.result.exhausted_threads:
         # Never wrap around: rerun with a larger pool of fresh ids.
         context.report.notes.append(
@@ -298,18 +299,19 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
     )
 
 
-def _note_redis_memory(context: Context, connections: int, answered: int) -> None:
+def _note_redis_memory(context: Context, connections: int, accepted: int) -> None:
     """Growth of ``used_memory`` per id since the row began: every request carries a new
-    id, and none expires within the run (``REDIS_DEDUP_WINDOW_S``)."""
+    id, each 2xx'd one is remembered, and none expires within the run
+    (``REDIS_DEDUP_WINDOW_S``)."""
     memory = context.redis_memory
-    memory.ids += answered
+    memory.ids += accepted
     after = used_memory(context.plan.dedup_url)
     if after is None or memory.before is None or not memory.ids:
         return
     context.report.notes.append(
         f"{BRIDGE_REDIS} up to its point at {connections} connections: Redis's used_memory "
-        f"grew by {(after - memory.before) / memory.ids:.1f} bytes per answered request "
-        f"({memory.ids:,} unique ids; meaningful only with a Redis of the run's own)"
+        f"grew by {(after - memory.before) / memory.ids:.1f} bytes per id answered 2xx "
+        f"({memory.ids:,} ids; meaningful only with a Redis of the run's own)"
     )
 
 
