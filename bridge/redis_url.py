@@ -74,6 +74,10 @@ def parse_redis_url(text: str) -> RedisLocation:
         if not URL(text).host:
             raise ValueError(f"must name a host: {scheme}://[[user]:password@]host:port/db")
         return RedisLocation(kind, text)
+    if "?" in rest:
+        raise ValueError(
+            f"{scheme}:// takes no query arguments (TLS and other options: one Redis, rediss://)"
+        )
     authority, _, path = rest.partition("/")
     credentials, at, host_list = authority.rpartition("@")
     username = password = None
@@ -91,7 +95,7 @@ def parse_redis_url(text: str) -> RedisLocation:
                 "redis+cluster://[[user]:password@]host:port[,host:port...]"
             )
         return location
-    service_name, _, db_text = path.split("?", 1)[0].partition("/")
+    service_name, _, db_text = path.partition("/")
     if not service_name or (not db_text.strip("/").isdigit() and db_text.strip("/")):
         raise ValueError(
             "must name the monitored master, and a database number if any: "
@@ -106,11 +110,7 @@ def _host_and_port(part: str, default_port: int) -> tuple[str, int]:
     if not colon:
         host, port = part.strip(), str(default_port)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
-            f"every node must be host:port, got {part.strip()!r}"
-            if "@" not in part
-            else "every node must be host:port"
-        )
+        raise ValueError(f"every node must be host:port, got {part.strip()!r}")
     return host.strip("[]"), int(port)
 
 
