@@ -18,10 +18,8 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from bridge.dedup.redis_claims import RedisClaims
-from bridge.dedup.redis_pipeline import connect
-from bridge.dedup.store import ClaimState
-from bridge.redis_url import parse_redis_url
+from bridge.dedup.idempotency import RedisIdempotencyStore
+from bridge.dedup.store import ClaimState, StoreUnavailable
 from tests.conftest import BridgeProcess, Broker, Signer
 from tests.redis_topologies import SentinelSet, sentinel_set
 from tests.sender import OpenAILikeSender, assert_nothing_lost, make_sender
@@ -34,31 +32,26 @@ pytestmark = [pytest.mark.redis]
 async def test_the_consumer_store_follows_the_master_the_sentinels_name(
     sentinel_set: SentinelSet,
 ) -> None:
-    claims = RedisClaims(
-        connect(parse_redis_url(sentinel_set.url), timeout=1.0),
-        prefix="webhook-consumer:sentinel-test:",
-        window_seconds=3600,
-    )
+    store = RedisIdempotencyStore(sentinel_set.url, namespace="sentinel-test", timeout=1.0)
     try:
-        await claims.start()
-        first = await claims.claim("wh_before", 10_000)
-        await claims.confirm("wh_before", first.token)
-        assert await claims.state("wh_before") is ClaimState.CONFIRMED
+        assert await store.claim("msg_before") is ClaimState.NEW
+        await store.done("msg_before")
+        assert await store.claim("msg_before") is ClaimState.CONFIRMED
         old_master = sentinel_set.master_port()
         await asyncio.to_thread(sentinel_set.failover)
         await asyncio.to_thread(sentinel_set.wait_for_master_other_than, old_master)
         deadline = time.monotonic() + 20
         while True:  # the first command after the switch fails (READONLY); the next reconnects
             try:
-                claim = await claims.claim("wh_after", 10_000)
+                state = await store.claim("msg_after")
                 break
-            except Exception:
-                assert time.monotonic() < deadline
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store did not find the new master"
                 await asyncio.sleep(0.2)
-        assert claim.state is ClaimState.NEW
-        assert await claims.state("wh_before") is ClaimState.CONFIRMED  # replicated before
+        assert state is ClaimState.NEW
+        assert await store.claim("msg_before") is ClaimState.CONFIRMED  # replicated before
     finally:
-        await claims.commands.close()
+        await store.close()
 
 
 @pytest.mark.broker
