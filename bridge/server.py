@@ -158,7 +158,9 @@ async def _clean_up(runners: list[web.AppRunner]) -> None:
         await runner.cleanup()
 
 
-def listen(host: str, port: int, *, reuse_port: bool, receive_buffer: int | None) -> socket.socket:
+def listen(
+    host: str, port: int, *, reuse_port: bool, receive_buffer: int | None
+) -> socket.socket:
     """A listening TCP socket; ``receive_buffer`` fixes each connection's SO_RCVBUF."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:

@@ -178,6 +178,7 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+
 def broker_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--amqp-url`` and ``--exchange``, where given."""
     return {
