@@ -32,19 +32,28 @@ class SentinelSet:
         hosts = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
         return f"redis+sentinel://{hosts}/{SERVICE}"
 
-    def master_port(self) -> int:
-        """The port of the master the Sentinels name now."""
-        with Redis(port=self.sentinels[0].port, socket_timeout=2) as sentinel:
-            _host, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
-        return int(port)
+    def master_port(self, timeout: float = 20.0) -> int:
+        """The port of the master the Sentinels name now, once that server says it is one
+        (on a loaded machine the Sentinels may be switching masters on their own)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, RedisError):
+                with Redis(port=self.sentinels[0].port, socket_timeout=2) as sentinel:
+                    _host, port = sentinel.sentinel_get_master_addr_by_name(SERVICE)
+                with Redis(port=int(port), socket_timeout=2) as server:
+                    if server.execute_command("ROLE")[0] in (b"master", "master"):
+                        return int(port)
+            assert time.monotonic() < deadline, "the Sentinels name no answering master"
+            time.sleep(0.1)
 
     def wait_for_master_other_than(self, port: int, timeout: float = 30.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError, TypeError):
-                now = self.master_port()
-                if now != port:
-                    return now
+            with contextlib.suppress(OSError, ValueError, TypeError, RedisError):
+                with Redis(port=self.sentinels[0].port, socket_timeout=2) as sentinel:
+                    _host, now = sentinel.sentinel_get_master_addr_by_name(SERVICE)
+                if int(now) != port:
+                    return int(now)
             time.sleep(0.1)
         raise AssertionError(f"the Sentinels did not replace the master on {port}")
 

@@ -43,9 +43,10 @@ class DeliveryReport:
         return {status: n for status, n in self.statuses.items() if status >= 500 and status != 503}
 
     def longest_2xx_gap_after(self, moment: float) -> float:
-        """The longest wait between two successive 2xx answers from ``moment`` on."""
+        """The longest wait for a 2xx answer from ``moment`` on: until the first, or between
+        two successive ones."""
         answered = sorted(end for _start, end in self.accepted_attempts if end >= moment)
-        return max((b - a for a, b in itertools.pairwise(answered)), default=0.0)
+        return max((b - a for a, b in itertools.pairwise([moment, *answered])), default=0.0)
 
     def first_2xx_sent_after(self, moment: float) -> float:
         """Seconds from ``moment`` to the answer of the first 2xx'd attempt sent after it."""

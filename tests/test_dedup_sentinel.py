@@ -103,7 +103,9 @@ async def test_a_master_lost_under_load_loses_nothing_acknowledged(
     assert_nothing_lost(report, in_queue)
     duplicates = sum(count - 1 for count in Counter(in_queue).values())
     print(
-        f"\nsentinel {fault}: longest 2xx gap {report.longest_2xx_gap_after(fault_at):.2f} s, "
+        f"\nsentinel {fault}: first 2xx to a request sent after the fault "
+        f"{report.first_2xx_sent_after(fault_at):.2f} s after it, longest gap between 2xx "
+        f"answers {report.longest_2xx_gap_after(fault_at):.2f} s, "
         f"{duplicates} of {len(again)} ids delivered again were published again "
         f"({len(set(in_queue))} ids, {report.statuses[503]} 503s)"
     )
