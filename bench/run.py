@@ -42,6 +42,7 @@ from bench.processes import (
 )
 from bench.profiling import ProfilerUnavailable, ProfileSummary, record, summarise_collapsed
 from bench.publish_limit import watch_publish_limit
+from bench.redis_memory import used_memory
 from bench.relay import (
     RelayFailed,
     RelayProcess,
@@ -151,6 +152,15 @@ class Context:
     launch: Launch
     report: Report
     rate_estimate: dict[str, float] = field(default_factory=dict)
+    redis_memory: RedisMemory = field(default_factory=lambda: RedisMemory())
+
+
+@dataclass
+class RedisMemory:
+    """Redis's ``used_memory`` before the row's first point, and the ids sent since."""
+
+    before: int | None = None
+    ids: int = 0
 
 
 # --- one point --------------------------------------------------------------------------------
@@ -251,7 +261,13 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
     key = target.key
     duration = context.plan.duration_s
     rate = context.rate_estimate.get(key, RATE_GUESS)
+    memory = context.redis_memory
+    if key == BRIDGE_REDIS and memory.before is None:
+        memory.before = used_memory(context.plan.dedup_url)
     measured = await _drive(context, target, connections, duration, rate)
+    if key == BRIDGE_REDIS:
+        result = measured.result
+        _note_redis_memory(context, connections, result.completed - result.non2xx)
     if measured.result.exhausted_threads:
         # Never wrap around: rerun with a larger pool of fresh ids.
         context.report.notes.append(
@@ -280,6 +296,22 @@ async def _point(context: Context, target: UnderTest, connections: int) -> Row:
         problems=measured.problems,
         publish_limits=measured.publish_limits,
         detail=asdict(result),
+    )
+
+
+def _note_redis_memory(context: Context, connections: int, accepted: int) -> None:
+    """Growth of ``used_memory`` per id since the row began: every request carries a new
+    id, each 2xx'd one is remembered, and none expires within the run
+    (``REDIS_DEDUP_WINDOW_S``)."""
+    memory = context.redis_memory
+    memory.ids += accepted
+    after = used_memory(context.plan.dedup_url)
+    if after is None or memory.before is None or not memory.ids:
+        return
+    context.report.notes.append(
+        f"{BRIDGE_REDIS} up to its point at {connections} connections: Redis's used_memory "
+        f"grew by {(after - memory.before) / memory.ids:.1f} bytes per id answered 2xx "
+        f"({memory.ids:,} ids; meaningful only with a Redis of the run's own)"
     )
 
 
@@ -633,6 +665,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dedup-url", default=DEFAULT_DEDUP_URL, help="Redis for the bridge-redis row"
     )
     parser.add_argument(
+        "--dedup-fill",
+        action="store_true",
+        help="only measure Redis memory per remembered id, filling the Redis at --dedup-url "
+        "(one of the run's own) straight through the store's scripts",
+    )
+    parser.add_argument(
         "--queue-type",
         choices=QUEUE_TYPES,
         default=QUORUM,
@@ -747,6 +785,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.hydrate import run_hydration
 
         return run_hydration(args.hydrate, args.amqp_url, args.results)
+    if args.dedup_fill:
+        from bench.redis_memory import run_fill
+
+        return run_fill(args.dedup_url)
     if args.soak is not None:
         from bench.soak import run_soak, soak_plan_from
 

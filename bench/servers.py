@@ -25,8 +25,10 @@ ARCHIVE_MAX_AGE = "1h"
 """The archive row's retention: the run's stream is deleted afterwards anyway."""
 FIXED_IN_FLIGHT_LIMIT = 32
 """The fixed limit the bridge had before it adapted: the comparison row `bridge-fixed32`."""
-REDIS_DEDUP_WINDOW_S = 120
-"""Short, so that the shared Redis drops the run's keys soon after; TTLs cost nothing."""
+REDIS_DEDUP_WINDOW_S = 600
+"""Short, so that the shared Redis drops the run's keys soon after (TTLs cost nothing), yet
+long enough that none expires while the row runs: its memory per id is measured over the
+whole row."""
 
 
 class WorkersUnsupported(Exception):

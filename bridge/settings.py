@@ -25,8 +25,10 @@ from yarl import URL
 
 from bridge.extras import installed
 from bridge.nodes import parse_node_urls
+from bridge.redis_url import RedisLocation, parse_redis_url
 from bridge.signature import decode_secret_list
 from bridge.sources import SourceError, SourceSecrets, load_source_secrets, parse_source_names
+from bridge.urls import redact_url as redact_url  # where the rest of the package takes it from
 
 ENV_PREFIX = "BRIDGE_"
 SECRETS_DIR_VARIABLE = f"{ENV_PREFIX}SECRETS_DIR"
@@ -201,7 +203,9 @@ class Settings(BaseSettings):
     )
     dedup_url: SecretStr = Field(
         default=SecretStr(""),
-        description="redis:// or rediss:// URL of a Redis shared by all pods; "
+        description="The Redis shared by all pods: redis:// or rediss:// (one Redis), "
+        "redis+sentinel://host:port[,host:port...]/service_name[/db] (Sentinels and the "
+        "master's name), redis+cluster://host:port[,host:port...] (Cluster seed nodes); "
         "empty: deduplicate in this process only.",
     )
     dedup_window: Annotated[
@@ -306,15 +310,7 @@ class Settings(BaseSettings):
     @field_validator("dedup_url")
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:
-        text = value.get_secret_value()
-        if not text:
-            return value
-        url = URL(text)
-        if url.scheme not in ("redis", "rediss") or not url.host:
-            raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
-        if not installed("redis"):
-            raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
-        return value
+        return checked_redis_url(value)
 
     @field_validator("dedup_window")
     @classmethod
@@ -383,8 +379,12 @@ class Settings(BaseSettings):
         return 2 * self.publish_timeout + 1
 
     @property
+    def dedup_location(self) -> RedisLocation:
+        return parse_redis_url(self.dedup_url.get_secret_value())
+
+    @property
     def dedup_url_redacted(self) -> str:
-        return redact_url(URL(self.dedup_url.get_secret_value()))
+        return self.dedup_location.redacted
 
     @cached_property
     def signing_keys(self) -> tuple[bytes, ...]:
@@ -455,16 +455,16 @@ class Settings(BaseSettings):
         )
 
 
-_SECRET_QUERY_KEYS = frozenset({"password", "passwd", "pass", "username", "user"})
-
-
-def redact_url(url: URL) -> str:
-    """The URL as it may be logged: a password, whether in the authority or as a query
-    argument (redis-py takes ``?password=``), replaced by ``***``."""
-    if url.password:
-        url = url.with_password("***")
-    hidden = {key: "***" for key in url.query if key.lower() in _SECRET_QUERY_KEYS}
-    return str(url.update_query(hidden) if hidden else url)
+def checked_redis_url(value: SecretStr) -> SecretStr:
+    """A Redis URL setting (redis://, rediss://, redis+sentinel://, redis+cluster://), or
+    empty; raises ValueError for a malformed one, or without the Redis client."""
+    text = value.get_secret_value()
+    if not text:
+        return value
+    parse_redis_url(text)
+    if not installed("redis"):
+        raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
+    return value
 
 
 def _split_amqp_urls(value: SecretStr) -> tuple[URL, ...]:

@@ -56,6 +56,8 @@ class History:
     attempts: list[Attempt] = field(default_factory=list)
     accepted: set[str] = field(default_factory=set)
     given_up: set[str] = field(default_factory=set)
+    bodies: dict[str, bytes] = field(default_factory=dict)
+    """The body of each event that got a 2xx: to deliver it again, as OpenAI would."""
 
     def record(self, attempt: Attempt) -> None:
         self.attempts.append(attempt)
@@ -78,6 +80,16 @@ class History:
         answered = [attempt.answered for attempt in self.accepted_sent_after(moment)]
         assert answered, "no request sent after that moment got a 2xx"
         return min(answered) - moment
+
+    def accepted_answered_between(self, start: float, end: float) -> list[str]:
+        """The ids whose 2xx came between ``start`` and ``end``."""
+        return [a.webhook_id for a in self.attempts if a.accepted and start <= a.answered <= end]
+
+    def longest_gap_after(self, moment: float) -> float:
+        """The longest wait for a 2xx from ``moment`` on: until the first, or between two
+        successive ones."""
+        answered = sorted(a.answered for a in self.attempts if a.accepted and a.answered >= moment)
+        return max((b - a for a, b in itertools.pairwise([moment, *answered])), default=0.0)
 
     def longest_gap(self) -> float:
         """The longest time, from the first attempt on, in which no attempt got a 2xx."""
@@ -229,6 +241,8 @@ class OpenAILikeSender:
                 pass
             attempt = Attempt(webhook_id, sent, time.monotonic(), status)
             async with self._progress:
+                if attempt.accepted:
+                    self.history.bodies[webhook_id] = body
                 self.history.record(attempt)
                 self._progress.notify_all()
             if attempt.accepted:

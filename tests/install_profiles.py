@@ -62,6 +62,8 @@ PROFILE_EXTRAS: dict[str, tuple[str, ...]] = {"plain": (), "redis": ("redis",), 
 # The modules that exist only for an extra: importing one without it raises
 # bridge.extras.MissingExtraError naming the extra. Every other module imports anywhere.
 EXTRA_MODULES = {
+    "bridge.dedup.redis_claims": "redis",
+    "bridge.dedup.redis_pipeline": "redis",
     "bridge.dedup.redis_store": "redis",
     "bridge.hydrate.api": "hydrate",
     "bridge.tracing.api": "otel",

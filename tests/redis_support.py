@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -16,9 +17,20 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from bridge.dedup.redis_claims import digest_of, group_of
 from tests.conftest import free_port
 
 REDIS_URL = os.environ.get("BRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PORT_BASE_VARIABLE = "BRIDGE_TEST_REDIS_PORT_BASE"
+_next_port = itertools.count(int(os.environ.get(PORT_BASE_VARIABLE) or 0))
+
+
+def redis_port() -> int:
+    """A port for a private ``redis-server``: the next one from ``$BRIDGE_TEST_REDIS_PORT_BASE``
+    (a range kept for these tests on a shared machine), or any free one."""
+    if not os.environ.get(PORT_BASE_VARIABLE):
+        return free_port()
+    return next(_next_port)
 
 
 def unique_prefix() -> str:
@@ -29,6 +41,25 @@ async def delete_prefixed(client: Redis, prefix: str) -> None:
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
     if keys:
         await client.delete(*keys)
+
+
+def in_flight_key(prefix: str, key: str) -> str:
+    """Where a claim of ``key`` in flight is held."""
+    return f"{prefix}{{{group_of(digest_of(key))}}}:i:{key}"
+
+
+async def remembering_hashes(client: Redis, prefix: str) -> list[bytes]:
+    """The hashes that hold confirmed ids under ``prefix``."""
+    return [key async for key in client.scan_iter(match=f"{prefix}{{*}}:c:*", count=1000)]
+
+
+async def remembers(client: Redis, prefix: str, key: str) -> bool:
+    """Whether some hash under ``prefix`` holds ``key``'s digest."""
+    digest = digest_of(key)
+    for name in await remembering_hashes(client, prefix):
+        if await client.hexists(name, digest):
+            return True
+    return False
 
 
 @pytest.fixture
@@ -57,6 +88,10 @@ class PrivateRedis:
     port: int
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    options: tuple[str, ...] = ()
+    """More ``--name value`` arguments for ``redis-server``."""
+    sentinel_lines: tuple[str, ...] = ()
+    """If any: run a Sentinel, with these lines in its (writable) configuration file."""
 
     @property
     def url(self) -> str:
@@ -66,8 +101,18 @@ class PrivateRedis:
         executable = shutil.which("redis-server")
         if executable is None:
             pytest.skip("redis-server is not installed")
-        command = [executable, "--bind", "127.0.0.1", "--port", str(self.port)]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+            raise AssertionError(f"port {self.port} is taken: choose another {PORT_BASE_VARIABLE}")
+        command = [executable]
+        if self.sentinel_lines:
+            config = self.directory / f"sentinel-{self.port}.conf"
+            config.write_text("\n".join(self.sentinel_lines) + "\n")
+            command += [str(config), "--sentinel"]
+        command += ["--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory)]
+        if not self.sentinel_lines:
+            command += ["--save", "", "--appendonly", "no"]
+        command += self.options
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
@@ -91,7 +136,7 @@ class PrivateRedis:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(free_port(), tmp_path)
+    server = PrivateRedis(redis_port(), tmp_path)
     server.start()
     try:
         yield server

@@ -29,10 +29,10 @@ import pytest
 from bridge.consumer import EventConsumer, InMemoryIdempotencyStore
 from bridge.nodes import BrokerNodes, node_address, parse_node_urls
 from tests.brokers import Node
-from tests.cluster import Cluster
+from tests.cluster import Cluster, connected_node
 from tests.conftest import BridgeProcess, Signer, unique_name
 from tests.history import OpenAILikeSender, check
-from tests.test_cluster import HEARTBEAT, PUBLISH_TIMEOUT, connected_node
+from tests.test_cluster import HEARTBEAT, PUBLISH_TIMEOUT
 
 pytestmark = [
     pytest.mark.cluster,

@@ -297,20 +297,42 @@ def test_the_window_defaults_to_openais_retry_horizon_with_redis(signer: Signer)
     ("overrides", "message"),
     [
         ({"dedup_url": "http://127.0.0.1:6379"}, "BRIDGE_DEDUP_URL must be a redis://"),
-        ({"dedup_url": "redis://"}, "BRIDGE_DEDUP_URL must be a redis://"),
+        ({"dedup_url": "redis://"}, "BRIDGE_DEDUP_URL must name a host"),
+        (
+            {"dedup_url": "redis+sentinel://:pw@s1:26379,s2:26379"},
+            r"must name the monitored master.*/service_name\[/db\]$",
+        ),
+        ({"dedup_url": "redis+sentinel://s1:26379/m/x"}, "and a database number"),
+        ({"dedup_url": "redis+cluster://:pw@n1:7000,n2:x"}, "every node must be host:port"),
+        ({"dedup_url": "redis+cluster://n1:7000/1"}, "takes seed nodes only"),
+        ({"dedup_url": "redis+sentinel://s1/m?ssl=true"}, "takes no query arguments"),
         ({"dedup_url": "redis://h/0", "dedup_window": 0}, "BRIDGE_DEDUP_WINDOW must be positive"),
         ({"dedup_on_error": "ignore"}, "BRIDGE_DEDUP_ON_ERROR"),
         ({"dedup_timeout": 0}, "BRIDGE_DEDUP_TIMEOUT"),
         ({"dedup_window": 599}, r"\(599 s, BRIDGE_DEDUP_WINDOW\) must cover twice"),
         ({"timestamp_tolerance": 301}, r"\(600 s, BRIDGE_DEDUP_WINDOW\) must cover twice"),
     ],
-    ids=["scheme", "no-host", "zero-window", "mode", "timeout", "short-window", "long-tolerance"],
+    ids=[
+        "scheme",
+        "no-host",
+        "sentinel-without-master",
+        "sentinel-bad-db",
+        "cluster-bad-port",
+        "cluster-db",
+        "sentinel-query",
+        "zero-window",
+        "mode",
+        "timeout",
+        "short-window",
+        "long-tolerance",
+    ],
 )
 def test_bad_dedup_settings_stop_the_process(
     signer: Signer, overrides: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(SettingsError, match=message):
+    with pytest.raises(SettingsError, match=message) as refusal:
         make_settings(signer, **overrides)
+    assert "pw" not in str(refusal.value)
 
 
 def test_a_redis_url_without_the_redis_client_names_the_extra(

@@ -18,7 +18,7 @@ from yarl import URL
 
 from bridge.samples import new_webhook_id, sample_body
 from tests.conftest import AMQP_URL, BridgeProcess, Broker, Signer, unique_name
-from tests.redis_support import REDIS_URL, redis_client, redis_prefix
+from tests.redis_support import REDIS_URL, in_flight_key, redis_client, redis_prefix
 from tests.tcp_proxy import holdable_proxy
 
 __all__ = ["redis_client", "redis_prefix"]  # fixtures used by the tests below
@@ -174,7 +174,7 @@ async def test_a_pod_killed_between_claim_and_confirm_leaves_a_claim_that_expire
         async with aiohttp.ClientSession() as session:
             stuck = asyncio.create_task(answer(session, doomed, signer, webhook_id, body))
             for _ in range(100):
-                held = await redis_client.get(redis_prefix + webhook_id)
+                held = await redis_client.get(in_flight_key(redis_prefix, webhook_id))
                 if held is not None:
                     break
                 await asyncio.sleep(0.01)

@@ -11,11 +11,21 @@ from redis.asyncio import Redis
 from yarl import URL
 
 from bridge.app import WEBHOOK_PATH, create_app
-from bridge.dedup import ClaimState, StoreUnavailable, redis_store, store_from_settings
-from bridge.dedup.redis_store import CONFIRMED, Command, RedisStore, connect, pack
+from bridge.dedup import ClaimState, StoreUnavailable, redis_pipeline, store_from_settings
+from bridge.dedup.redis_claims import BUCKETS, digest_of
+from bridge.dedup.redis_pipeline import Command, PipelinedCommands, connect, pack
+from bridge.dedup.redis_store import RedisStore
+from bridge.redis_url import parse_redis_url
 from bridge.samples import sample_body
 from tests.conftest import AiohttpClient, FakePublisher, Signer, free_port, make_settings
-from tests.redis_support import REDIS_URL, redis_client, redis_prefix
+from tests.redis_support import (
+    REDIS_URL,
+    in_flight_key,
+    redis_client,
+    redis_prefix,
+    remembering_hashes,
+    remembers,
+)
 from tests.tcp_proxy import holdable_proxy
 
 __all__ = ["redis_client", "redis_prefix"]  # fixtures used by the tests below
@@ -26,7 +36,7 @@ pytestmark = pytest.mark.redis
 def store_at(prefix: str, url: str = REDIS_URL, **options: float) -> RedisStore:
     timeout = options.pop("timeout", 0.2)
     return RedisStore(
-        connect(url, timeout=timeout),
+        connect(parse_redis_url(url), timeout=timeout),
         prefix=prefix,
         window_seconds=options.pop("window_seconds", 3600),
         claim_ttl_seconds=options.pop("claim_ttl_seconds", 11),
@@ -42,17 +52,24 @@ async def test_claim_confirm_and_their_keys(redis_client: Redis, redis_prefix: s
     try:
         claim = await store.claim("wh_1")
         assert claim.state is ClaimState.NEW
-        held = await redis_client.get(redis_prefix + "wh_1")
+        held = await redis_client.get(in_flight_key(redis_prefix, "wh_1"))
         assert held == claim.token
         assert held is not None
         assert held.startswith(b"inflight:")
-        assert 10_000 < await redis_client.pttl(redis_prefix + "wh_1") <= 11_000
+        assert 10_000 < await redis_client.pttl(in_flight_key(redis_prefix, "wh_1")) <= 11_000
+        assert not await remembers(redis_client, redis_prefix, "wh_1")
 
         assert (await store.claim("wh_1")).state is ClaimState.IN_FLIGHT
 
         await store.confirm(claim)
-        assert await redis_client.get(redis_prefix + "wh_1") == CONFIRMED
-        assert 3_590_000 < await redis_client.pttl(redis_prefix + "wh_1") <= 3_600_000
+        assert await redis_client.exists(in_flight_key(redis_prefix, "wh_1")) == 0
+        assert await remembers(redis_client, redis_prefix, "wh_1")
+        [hash_name] = await remembering_hashes(redis_client, redis_prefix)
+        assert await redis_client.hget(hash_name, digest_of("wh_1")) == b""
+        assert await redis_client.object("encoding", hash_name) == b"listpack"
+        # Remembered for the window, and at most one bucket of it longer.
+        window_ms = 3_600_000
+        assert window_ms < await redis_client.pttl(hash_name) <= window_ms * (BUCKETS + 1) / BUCKETS
         assert (await store.claim("wh_1")).state is ClaimState.CONFIRMED
     finally:
         await store.close()
@@ -65,12 +82,16 @@ async def test_release_deletes_only_a_claim_still_ours(
     try:
         ours = await store.claim("wh_1")
         await store.release(ours)
-        assert await redis_client.exists(redis_prefix + "wh_1") == 0
+        assert await redis_client.exists(in_flight_key(redis_prefix, "wh_1")) == 0
+        assert (await store.claim("wh_1")).state is ClaimState.NEW
 
         expired_and_retaken = await store.claim("wh_2")
-        await redis_client.set(redis_prefix + "wh_2", b"inflight:another-pod:7", px=10_000)
+        retaken = in_flight_key(redis_prefix, "wh_2")
+        await redis_client.set(retaken, b"inflight:another-pod:7", px=10_000)
         await store.release(expired_and_retaken)
-        assert await redis_client.get(redis_prefix + "wh_2") == b"inflight:another-pod:7"
+        assert await redis_client.get(retaken) == b"inflight:another-pod:7"
+        await store.confirm(expired_and_retaken)  # a confirm leaves another's claim alone too
+        assert await redis_client.get(retaken) == b"inflight:another-pod:7"
     finally:
         await store.close()
 
@@ -108,19 +129,21 @@ async def test_commands_of_one_turn_share_a_pipeline(
     redis_client: Redis, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = store_at(redis_prefix)
+    await store.start()  # loads the scripts, so no claim is sent again whole
     pipelines: list[int] = []
 
     def counting_pack(commands: list[Command]) -> bytes:
         pipelines.append(len(commands))
         return pack(commands)
 
-    monkeypatch.setattr(redis_store, "pack", counting_pack)
+    monkeypatch.setattr(redis_pipeline, "pack", counting_pack)
     try:
         claims = await asyncio.gather(*(store.claim(f"wh_{n}") for n in range(200)))
         assert all(claim.state is ClaimState.NEW for claim in claims)
         assert len({claim.token for claim in claims}) == 200
         assert pipelines == [200]
-        assert len([key async for key in redis_client.scan_iter(match=f"{redis_prefix}*")]) == 200
+        in_flight = redis_client.scan_iter(match=f"{redis_prefix}{{*}}:i:*")
+        assert len([key async for key in in_flight]) == 200
     finally:
         await store.close()
 
@@ -259,7 +282,8 @@ async def test_an_unauthenticated_request_claims_nothing(
     forged = Signer().headers(body)
     response = await client.post(WEBHOOK_PATH, data=body, headers=forged)
     assert response.status == 401
-    assert await redis_client.exists(redis_prefix + forged["webhook-id"]) == 0
+    assert await redis_client.exists(in_flight_key(redis_prefix, forged["webhook-id"])) == 0
+    assert await remembering_hashes(redis_client, redis_prefix) == []
 
 
 async def test_connections_lost_at_once_are_one_outage_not_a_flapping_one(
@@ -279,7 +303,9 @@ async def test_connections_lost_at_once_are_one_outage_not_a_flapping_one(
 
                 # Pipelines sent in successive turns overlap: several connections, now idle.
                 await asyncio.gather(*(claim_in_turn(turn) for turn in range(8)))
-                assert len(store._claims.commands._idle) >= 2
+                commands = store._claims.commands
+                assert isinstance(commands, PipelinedCommands)
+                assert len(commands._idle) >= 2
                 proxy.cut()  # what a Redis restart does to every connection
                 with pytest.raises(StoreUnavailable):
                     await store.claim("wh_after_cut")

@@ -43,13 +43,13 @@ from bridge.hydrate.worker import (
     EVENT_TYPE_HEADER,
     FAILURE_HEADER,
     OBJECT_TYPE_HEADER,
-    SOURCE_HEADER,
     STALE_HEADER,
     HydrationWorker,
     operations_app,
 )
 from bridge.samples import sample_body
 from bridge.settings import SettingsError
+from bridge.sources import SOURCE_HEADER
 from tests.conftest import AMQP_URL, free_port, unique_name
 from tests.openai_standin import OpenAIStandIn
 from tests.redis_support import REDIS_URL, delete_prefixed, redis_client

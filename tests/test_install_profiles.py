@@ -491,5 +491,5 @@ def test_the_redis_idempotency_store(installed: InstalledProfile, workdir: Path)
     else:
         assert done.stdout == "ClaimState.NEW ClaimState.CONFIRMED\n"
         client = redis.Redis.from_url(REDIS_URL)
-        client.delete(f"webhook-consumer:{namespace}:msg_1")
+        client.delete(*client.scan_iter(match=f"webhook-consumer:{namespace}:*"))
         client.close()

@@ -47,15 +47,15 @@ def store_from_settings(
     settings: Settings, observe_seconds: Callable[[float], None] = lambda _seconds: None
 ) -> DedupStore:
     """The store ``settings`` ask for; ``observe_seconds`` receives each store call's latency."""
-    url = settings.dedup_url.get_secret_value()
-    if not url:
+    if not settings.dedup_url.get_secret_value():
         return InProcessStore(
             window_seconds=settings.dedup_window_seconds, max_ids=settings.dedup_max_ids
         )
-    from bridge.dedup.redis_store import RedisStore, connect
+    from bridge.dedup.redis_pipeline import connect
+    from bridge.dedup.redis_store import RedisStore
 
     return RedisStore(
-        connect(url, timeout=settings.dedup_timeout),
+        connect(settings.dedup_location, timeout=settings.dedup_timeout),
         prefix=settings.dedup_key_prefix,
         window_seconds=settings.dedup_window_seconds,
         claim_ttl_seconds=settings.dedup_claim_ttl,

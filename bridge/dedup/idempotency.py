@@ -16,13 +16,17 @@ from typing import TYPE_CHECKING
 
 from bridge.dedup.store import Claim, ClaimState
 from bridge.extras import MissingExtraError, installed
+from bridge.redis_url import parse_redis_url
 
 if TYPE_CHECKING:
-    from bridge.dedup.redis_store import RedisClaims
+    from bridge.dedup.redis_claims import RedisClaims
 
 
 class RedisIdempotencyStore:
-    """Claims, done marks and releases under ``webhook-consumer:<namespace>:<message_id>``.
+    """Claims, done marks and releases under ``webhook-consumer:<namespace>:``.
+
+    ``url`` is any form ``BRIDGE_DEDUP_URL`` takes (one Redis, Sentinel, Cluster), with
+    the bridge's compact layout (:mod:`bridge.dedup.redis_claims`).
 
     ``namespace`` names the consuming service (its queue name, say): services that each
     must handle every event need different namespaces; replicas of one service share one.
@@ -45,25 +49,30 @@ class RedisIdempotencyStore:
             raise ValueError("ttl_seconds, claim_ttl_seconds and timeout must be positive")
         if not installed("redis"):
             raise MissingExtraError(type(self).__name__, "redis")
-        from bridge.dedup.redis_store import PipelinedCommands, RedisClaims, connect
+        from bridge.dedup.redis_claims import RedisClaims
+        from bridge.dedup.redis_pipeline import connect
 
         self._claims: RedisClaims = RedisClaims(
-            PipelinedCommands(connect(url, timeout=timeout), timeout=timeout),
+            connect(parse_redis_url(url), timeout=timeout),
             prefix=f"webhook-consumer:{namespace}:",
+            window_seconds=ttl_seconds,
         )
-        self._ttl_ms = round(ttl_seconds * 1000)
         self._claim_ttl_ms = round(claim_ttl_seconds * 1000)
         self._ours: dict[str, Claim] = {}
+        self._started = False
 
     async def claim(self, message_id: str) -> ClaimState:
+        if not self._started:
+            await self._claims.start()
+            self._started = True
         claim = await self._claims.claim(message_id, self._claim_ttl_ms)
         if claim.state is ClaimState.NEW:
             self._ours[message_id] = claim
         return claim.state
 
     async def done(self, message_id: str) -> None:
-        self._ours.pop(message_id, None)
-        await self._claims.confirm(message_id, self._ttl_ms)
+        claim = self._ours.pop(message_id, None)
+        await self._claims.confirm(message_id, claim.token if claim is not None else b"")
 
     async def release(self, message_id: str) -> None:
         claim = self._ours.pop(message_id, None)

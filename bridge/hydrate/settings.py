@@ -20,10 +20,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from yarl import URL
 
-from bridge.extras import installed
 from bridge.hydrate.fetching import UnknownSource
+from bridge.redis_url import redact_redis_url
 from bridge.settings import (
     DEFAULT_EXCHANGE,
     ENV_PREFIX,
@@ -32,8 +31,8 @@ from bridge.settings import (
     QueueType,
     Settings,
     SettingsError,
+    checked_redis_url,
     default_secrets_dir,
-    redact_url,
     settings_error,
 )
 from bridge.sources import SourceError, parse_source_names, source_api_key
@@ -155,8 +154,9 @@ class HydrateSettings(BaseSettings):
     )
     hydrate_idempotency_url: SecretStr = Field(
         default=SecretStr(""),
-        description="redis:// or rediss:// URL of a Redis shared by all workers, to skip "
-        "events whose object was published; empty: this process only.",
+        description="A Redis shared by all workers, to skip events whose object was "
+        "published, in any form BRIDGE_DEDUP_URL takes (redis://, rediss://, "
+        "redis+sentinel://, redis+cluster://); empty: this process only.",
     )
     hydrate_claim_ttl: Annotated[float, Field(gt=0, le=86_400)] = Field(
         default=600.0,
@@ -175,15 +175,7 @@ class HydrateSettings(BaseSettings):
     @field_validator("hydrate_idempotency_url")
     @classmethod
     def _redis_url(cls, value: SecretStr) -> SecretStr:
-        text = value.get_secret_value()
-        if not text:
-            return value
-        url = URL(text)
-        if url.scheme not in ("redis", "rediss") or not url.host:
-            raise ValueError("must be a redis:// or rediss:// URL with a host, or empty")
-        if not installed("redis"):
-            raise ValueError("needs the Redis client: pip install 'openai-webhook-bridge[redis]'")
-        return value
+        return checked_redis_url(value)
 
     _source_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
 
@@ -223,7 +215,7 @@ class HydrateSettings(BaseSettings):
 
     @property
     def idempotency_url_redacted(self) -> str:
-        return redact_url(URL(self.hydrate_idempotency_url.get_secret_value()))
+        return redact_redis_url(self.hydrate_idempotency_url.get_secret_value())
 
 
 def load_hydrate_settings(secrets_dir: Path | None = None, **overrides: Any) -> HydrateSettings:
