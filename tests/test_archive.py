@@ -288,8 +288,9 @@ async def test_the_definitions_archive_with_the_least_privilege_user(
         BRIDGE_ARCHIVE_MAX_AGE="7D",
     )
     await bridge.wait_ready()
-    batch, response = sample_body("batch.completed"), sample_body("response.completed")
-    for body in (batch, response):
+    # No queue of the definitions binds eval.run.*: it waits in the unrouted queue.
+    batch, unbound = sample_body("batch.completed"), sample_body("eval.run.succeeded")
+    for body in (batch, unbound):
         assert await bridge.post_signed(signer, body) == 200
 
     vhost = imported.vhost
@@ -300,12 +301,12 @@ async def test_the_definitions_archive_with_the_least_privilege_user(
         billing = await channel.get_queue("billing.batch-outcomes", ensure=False)
         unrouted = await channel.get_queue("openai.webhooks.unrouted", ensure=False)
         assert (await billing.get(no_ack=True, timeout=10)).body == batch
-        assert (await unrouted.get(no_ack=True, timeout=10)).body == response
+        assert (await unrouted.get(no_ack=True, timeout=10)).body == unbound
         async with open_archive(
             inspector, "openai.webhooks.archive", start="first", broker_timeout=10
         ) as reader:
             stored = [message.body async for message in history(reader, stall_timeout=10)]
-    assert stored == [batch, response]
+    assert stored == [batch, unbound]
 
 
 async def test_an_archive_with_other_retention_stops_the_bridge(

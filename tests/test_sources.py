@@ -567,8 +567,13 @@ async def test_trigger_and_consume_by_source_with_per_source_verification(
     )
     try:
         assert consumer.stderr is not None
-        started = (await asyncio.wait_for(consumer.stderr.readline(), 30)).decode()
-        assert f"bound to {topology.source_exchange('staging')}" in started
+        # The consumer logs the node it reached, then what it bound.
+        bound = f"bound to {topology.source_exchange('staging')}"
+        started = ""
+        while bound not in started:
+            line = await asyncio.wait_for(consumer.stderr.readline(), 30)
+            assert line, f"the consumer ended without saying it {bound}"
+            started = line.decode()
         # Forged: labelled staging, signed with prod's secret, put straight on staging's
         # exchange. The consumer verifies with staging's secrets and drops it.
         body = sample_body("batch.failed")
@@ -719,12 +724,13 @@ async def test_the_definitions_sources_with_the_least_privilege_user(
         channel = await inspector.channel()
         staging_queue = await channel.declare_queue(exclusive=True)
         await staging_queue.bind("openai.webhooks.source.staging", routing_key="batch.*")
-        batch, response = sample_body("batch.completed"), sample_body("response.completed")
+        # No queue of the definitions binds eval.run.*: it waits in the unrouted queue.
+        batch, unbound = sample_body("batch.completed"), sample_body("eval.run.succeeded")
         assert await post_to_body(bridge, "staging", signers["staging"], batch) == 200
-        assert await post_to_body(bridge, "prod", signers["prod"], response) == 200
+        assert await post_to_body(bridge, "prod", signers["prod"], unbound) == 200
         billing = await channel.get_queue("billing.batch-outcomes", ensure=False)
         unrouted = await channel.get_queue("openai.webhooks.unrouted", ensure=False)
-        for queue, body in ((billing, batch), (staging_queue, batch), (unrouted, response)):
+        for queue, body in ((billing, batch), (staging_queue, batch), (unrouted, unbound)):
             message = await queue.get(no_ack=True, timeout=10)
             assert message.body == body
             expected = "staging" if body is batch else "prod"
