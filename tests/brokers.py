@@ -288,13 +288,13 @@ def reserved_ports() -> Iterator[OwnPorts]:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue
-            if all(_port_is_free(port) for port in (ports.amqp, ports.dist, ports.epmd)):
+            if all(port_is_free(port) for port in (ports.amqp, ports.dist, ports.epmd)):
                 yield ports
                 return
     raise AssertionError(f"every one of the {PORT_SLOTS} port slots for RabbitMQ nodes is taken")
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
     with socket.socket() as sock:
         # As the node will bind it: a port left in TIME_WAIT by an earlier node is free.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -464,7 +464,7 @@ def own_epmd(release: Release, ports: OwnPorts) -> Iterator[None]:
     )
     try:
         deadline = time.monotonic() + 30
-        while _port_is_free(ports.epmd):
+        while port_is_free(ports.epmd):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"epmd did not listen on {ports.epmd}")
             time.sleep(0.05)

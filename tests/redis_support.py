@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from bridge.dedup.redis_claims import digest_of, group_of
+from tests.brokers import port_is_free
 from tests.conftest import free_port
 
 REDIS_URL = os.environ.get("BRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -25,12 +26,23 @@ PORT_BASE_VARIABLE = "BRIDGE_TEST_REDIS_PORT_BASE"
 _next_port = itertools.count(int(os.environ.get(PORT_BASE_VARIABLE) or 0))
 
 
-def redis_port() -> int:
+# A cluster node also listens on its port + 10000 (the cluster bus), which must exist.
+CLUSTER_BUS_OFFSET = 10_000
+HIGHEST_CLUSTER_PORT = 65_535 - CLUSTER_BUS_OFFSET
+
+
+def redis_port(*, cluster_bus: bool = False) -> int:
     """A port for a private ``redis-server``: the next one from ``$BRIDGE_TEST_REDIS_PORT_BASE``
-    (a range kept for these tests on a shared machine), or any free one."""
-    if not os.environ.get(PORT_BASE_VARIABLE):
-        return free_port()
-    return next(_next_port)
+    (a range kept for these tests on a shared machine), or any free one; with
+    ``cluster_bus``, one whose cluster bus port (+10000) is free too."""
+    if os.environ.get(PORT_BASE_VARIABLE):
+        return next(_next_port)
+    while True:
+        port = free_port()
+        if not cluster_bus:
+            return port
+        if port <= HIGHEST_CLUSTER_PORT and port_is_free(port + CLUSTER_BUS_OFFSET):
+            return port
 
 
 def unique_prefix() -> str:

@@ -189,7 +189,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
     cluster = RedisClusterNodes()
     try:
         for n in range(6):
-            port = redis_port()
+            port = redis_port(cluster_bus=True)
             directory = tmp_path / f"node-{n}"
             directory.mkdir()
             options = (

@@ -30,6 +30,11 @@ import pytest
 import redis
 
 from bridge.cli import build_parser
+from bridge.dedup.redis_claims import RedisClaims
+from bridge.dedup.redis_pipeline import connect
+from bridge.dedup.store import ClaimState
+from bridge.redis_url import parse_redis_url
+from bridge.settings import DEDUP_WINDOW_WITH_REDIS
 from tests.conftest import AMQP_URL, BridgeProcess, free_port, fresh_channel, new_secret
 from tests.conftest import unique_name as unique
 from tests.install_profiles import (
@@ -364,15 +369,27 @@ def test_the_laptop_tour(serving: Serving, workdir: Path) -> None:
     )
     if serving.installed.name == "redis":
         # Each delivery was claimed and confirmed under the bridge's prefix in Redis.
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            for event in sent:
-                key = f"webhook-bridge:{serving.exchange}:{event['webhook_id']}"
-                assert client.get(key) == b"confirmed", key
-        finally:
-            client.close()
+        states = asyncio.run(
+            confirmed_states(
+                f"webhook-bridge:{serving.exchange}:", [str(each["webhook_id"]) for each in sent]
+            )
+        )
+        assert set(states) == {ClaimState.CONFIRMED}, states
     if serving.collector is not None:
         serving.collector.wait_for(b"POST /webhooks/openai", timeout=15)
+
+
+async def confirmed_states(prefix: str, webhook_ids: list[str]) -> list[ClaimState | None]:
+    """What the bridge's Redis store says of each id, read as the bridge reads it."""
+    claims = RedisClaims(
+        connect(parse_redis_url(REDIS_URL), timeout=5.0),
+        prefix=prefix,
+        window_seconds=DEDUP_WINDOW_WITH_REDIS,
+    )
+    try:
+        return list(await asyncio.gather(*(claims.state(each) for each in webhook_ids)))
+    finally:
+        await claims.commands.close()
 
 
 def tutorial_consumer(queue: str) -> str:

@@ -571,9 +571,9 @@ async def test_trigger_and_consume_by_source_with_per_source_verification(
         bound = f"bound to {topology.source_exchange('staging')}"
         started = ""
         while bound not in started:
-            line = await asyncio.wait_for(consumer.stderr.readline(), 30)
-            assert line, f"the consumer ended without saying it {bound}"
-            started = line.decode()
+            logged = await asyncio.wait_for(consumer.stderr.readline(), 30)
+            assert logged, f"the consumer ended without saying it {bound}"
+            started = logged.decode()
         # Forged: labelled staging, signed with prod's secret, put straight on staging's
         # exchange. The consumer verifies with staging's secrets and drops it.
         body = sample_body("batch.failed")
