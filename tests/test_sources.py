@@ -106,6 +106,14 @@ def forget_source_topology(broker: Broker, topology: Topology) -> None:
     broker.created_exchanges += [topology.source_exchange(name) for name in topology.sources]
 
 
+def new_sourced_topology(broker: Broker) -> Topology:
+    """The default names of a new exchange with every source, forgotten after the test."""
+    exchange = unique_name("test.webhooks")
+    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
+    forget_source_topology(broker, topology)
+    return topology
+
+
 # --- Configuration -------------------------------------------------------------------------
 
 
@@ -200,7 +208,14 @@ def test_without_sources_the_single_secret_is_still_required(
 async def sourced(
     aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
 ) -> tuple[Client, Settings, Topology]:
-    settings = source_settings(projects)
+    return await start_sourced_app(aiohttp_client, projects, broker)
+
+
+async def start_sourced_app(
+    aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, **overrides: object
+) -> tuple[Client, Settings, Topology]:
+    """A ready bridge app serving every source, its topology forgotten after the test."""
+    settings = source_settings(projects, **overrides)
     topology = Topology.from_settings(settings)
     forget_source_topology(broker, topology)
     client = await aiohttp_client(create_app(settings))
@@ -344,11 +359,9 @@ async def test_with_the_archive_unrouted_counts_the_main_exchange_only(
 ) -> None:
     """The documented limit: the stream takes every event, so nothing is ever returned, and
     the main exchange's alternate exchange decides. Nothing is lost or doubled."""
-    settings = source_settings(projects, archive_max_bytes=10_000_000)
-    topology = Topology.from_settings(settings)
-    forget_source_topology(broker, topology)
-    client = await aiohttp_client(create_app(settings))
-    await wait_until_ready(client)
+    client, _, topology = await start_sourced_app(
+        aiohttp_client, projects, broker, archive_max_bytes=10_000_000
+    )
     assert await unrouted_case(client, broker, projects, topology) == {
         "prod only": ["prod fine-tuning"],
         "everyone": ["staging batch"],
@@ -388,11 +401,7 @@ async def metrics_of(bridge: BridgeProcess) -> str:
 def two_bridges(
     start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
 ) -> tuple[BridgeProcess, BridgeProcess]:
-    exchange = unique_name("test.webhooks")
-    forget_source_topology(
-        broker,
-        Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES),
-    )
+    exchange = new_sourced_topology(broker).exchange
     return (
         start_sourced_bridge(start_bridge, projects, exchange),
         start_sourced_bridge(start_bridge, projects, exchange),
@@ -553,9 +562,8 @@ def command_environment(projects: Projects, exchange: str) -> dict[str, str]:
 async def test_trigger_and_consume_by_source_with_per_source_verification(
     start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
 ) -> None:
-    exchange = unique_name("test.webhooks")
-    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
-    forget_source_topology(broker, topology)
+    topology = new_sourced_topology(broker)
+    exchange = topology.exchange
     bridge = start_sourced_bridge(start_bridge, projects, exchange)
     await bridge.wait_ready()
     consumer = await asyncio.create_subprocess_exec(
@@ -658,9 +666,8 @@ async def test_replay_by_source_and_refusals_of_the_commands(
 async def test_without_declaring_a_missing_source_exchange_keeps_the_bridge_unready(
     start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
 ) -> None:
-    exchange = unique_name("test.webhooks")
-    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
-    forget_source_topology(broker, topology)
+    topology = new_sourced_topology(broker)
+    exchange = topology.exchange
     for name in (topology.exchange, topology.unrouted_exchange, topology.quarantine_exchange):
         await broker.channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
     await broker.channel.declare_exchange(
@@ -740,11 +747,9 @@ async def post_to_body(bridge: BridgeProcess, source: str, signer: Signer, body:
 async def test_the_archive_read_by_source_with_each_sources_secrets(
     aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
 ) -> None:
-    settings = source_settings(projects, archive_max_bytes=10_000_000)
-    topology = Topology.from_settings(settings)
-    forget_source_topology(broker, topology)
-    client = await aiohttp_client(create_app(settings))
-    await wait_until_ready(client)
+    client, settings, _ = await start_sourced_app(
+        aiohttp_client, projects, broker, archive_max_bytes=10_000_000
+    )
     bodies = {}
     for source in ("prod", "staging", "team-b"):
         bodies[source] = sample_body("batch.completed")
