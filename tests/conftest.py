@@ -79,9 +79,7 @@ def rabbitmq(
 
 
 @contextlib.contextmanager
-def pointing_tests_at(
-    broker: RabbitMQ, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
+def pointing_tests_at(broker: RabbitMQ, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch, testing_against(broker):
         # Test modules import the URL by name; each copy of it follows the broker under test.
         for module in list(sys.modules.values()):
