@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient
 from pamqp.commands import Basic
 
 from bridge.frames import MessageProperties
-from bridge.publisher import Outcome, OutgoingMessage, Topology
+from bridge.publisher import AmqpPublisher, Outcome, OutgoingMessage, Topology
 from bridge.settings import Settings, load_settings
 from bridge.signature import decode_secret, sign
 from tests.brokers import (
@@ -147,6 +147,13 @@ class Signer:
 @pytest.fixture
 def signer() -> Signer:
     return Signer()
+
+
+async def until_publisher_ready(publisher: AmqpPublisher, timeout: float) -> None:
+    """Wait until the publisher is connected with its topology (fails after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        while not publisher.ready:
+            await asyncio.sleep(0.05)
 
 
 def make_settings(signer: Signer, **overrides: Any) -> Settings:
