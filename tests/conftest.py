@@ -157,8 +157,12 @@ async def until_publisher_ready(publisher: AmqpPublisher, timeout: float) -> Non
 
 
 def make_settings(signer: Signer, **overrides: Any) -> Settings:
+    return load_test_settings(None, **{"webhook_secret": signer.secret, **overrides})
+
+
+def load_test_settings(secrets_dir: Path | None, **overrides: Any) -> Settings:
+    """The bridge's settings for a test: the local broker, a new exchange, short timeouts."""
     values: dict[str, Any] = {
-        "webhook_secret": signer.secret,
         "amqp_url": AMQP_URL,
         "exchange": unique_name("test.webhooks"),
         "publish_timeout": 2.0,
@@ -167,7 +171,7 @@ def make_settings(signer: Signer, **overrides: Any) -> Settings:
         "metrics_port": 0,
     }
     values.update(overrides)
-    return load_settings(secrets_dir=None, **values)
+    return load_settings(secrets_dir=secrets_dir, **values)
 
 
 @pytest.fixture

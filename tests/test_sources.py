@@ -36,6 +36,7 @@ from tests.conftest import (
     Broker,
     Client,
     Signer,
+    load_test_settings,
     new_secret,
     post_webhook,
     unique_name,
@@ -88,16 +89,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def source_settings(projects: Projects, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "sources": ",".join(SOURCES),
-        "amqp_url": AMQP_URL,
-        "exchange": unique_name("test.webhooks"),
-        "publish_timeout": 2.0,
-        "drain_timeout": 5.0,
-        "metrics_port": 0,
-    }
-    values.update(overrides)
-    return load_settings(secrets_dir=projects.secrets_dir, **values)
+    return load_test_settings(projects.secrets_dir, **{"sources": ",".join(SOURCES), **overrides})
 
 
 def forget_source_topology(broker: Broker, topology: Topology) -> None:
