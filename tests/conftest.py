@@ -415,6 +415,4 @@ def start_bridge(
 
     yield start
     for bridge in started:
-        if bridge.process.poll() is None:
-            bridge.process.kill()
-            bridge.process.wait()
+        bridge.stop(signal.SIGKILL)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -166,9 +167,7 @@ def start_bridge_in(signer: Signer, tmp_path: Path) -> Iterator[Callable[..., Br
 
     yield start
     for bridge in started:
-        if bridge.process.poll() is None:
-            bridge.process.kill()
-            bridge.process.wait()
+        bridge.stop(signal.SIGKILL)
 
 
 @dataclass
