@@ -21,10 +21,9 @@ from bridge.nodes import BrokerNodes, first_answering, parse_node_urls, within
 from bridge.settings import (
     DEFAULT_EXCHANGE,
     ENV_PREFIX,
-    AmqpHeartbeat,
     LogFormat,
     LogLevel,
-    Settings,
+    bridge_setting,
     default_secrets_dir,
     settings_error,
 )
@@ -52,12 +51,12 @@ class ConsumerSettings(BaseSettings):
         env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", hide_input_in_errors=True
     )
 
-    amqp_url: SecretStr = Settings.model_fields["amqp_url"].default
-    amqp_heartbeat: AmqpHeartbeat = Settings.model_fields["amqp_heartbeat"].default
-    amqp_ca_file: Path | None = None
+    amqp_url: SecretStr = bridge_setting("amqp_url")
+    amqp_heartbeat: int = bridge_setting("amqp_heartbeat")
+    amqp_ca_file: Path | None = bridge_setting("amqp_ca_file")
     exchange: str = DEFAULT_EXCHANGE
     log_level: LogLevel = "INFO"
-    log_format: LogFormat = "auto"
+    log_format: LogFormat = bridge_setting("log_format")
 
     @field_validator("amqp_url")
     @classmethod
