@@ -20,7 +20,6 @@ from urllib.parse import quote
 import aio_pika
 import aiohttp
 import pytest
-import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.app import WEBHOOK_PATH, create_app
@@ -49,6 +48,7 @@ from tests.test_deploy import (
     _import_definitions,
     _load_all,
     _rabbitmqctl,
+    kustomize_overlay,
 )
 from tests.test_endpoints import Outcome as EndpointsOutcome
 from tests.test_endpoints import RunningStandIn, endpoints, standin  # noqa: F401  # fixtures
@@ -768,23 +768,7 @@ async def test_the_archive_read_by_source_with_each_sources_secrets(
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_the_kubernetes_component_mounts_each_source_in_its_directory(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(DEPLOY, overlay)],
-                "components": [os.path.relpath(DEPLOY / "sources", overlay)],
-            }
-        )
-    )
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
-    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered)}
+    documents = {doc["kind"]: doc for doc in kustomize_overlay(tmp_path, DEPLOY / "sources")}
     sources = parse_source_names(documents["ConfigMap"]["data"]["BRIDGE_SOURCES"])
     assert sources == ("prod", "staging")
     (volume,) = [
