@@ -22,7 +22,7 @@ import enum
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -750,13 +750,21 @@ async def check_topology(channel: aio_pika.abc.AbstractChannel, topology: Topolo
         names.append(topology.sources_exchange)
         names.extend(topology.source_exchange(source) for source in topology.sources)
     for name in names:
-        try:
+        with declared_elsewhere("exchange", name):
             await channel.declare_exchange(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise RuntimeError(
-                f"exchange {name!r} does not exist and BRIDGE_DECLARE_TOPOLOGY is false; "
-                "load the broker definitions or enable declaration"
-            ) from None
+
+
+@contextlib.contextmanager
+def declared_elsewhere(kind: str, name: str) -> Iterator[None]:
+    """Around a passive declare of ``name`` (an exchange or a queue): its absence becomes
+    the one line telling the operator what to do."""
+    try:
+        yield
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        raise RuntimeError(
+            f"{kind} {name!r} does not exist and BRIDGE_DECLARE_TOPOLOGY is false; "
+            "load the broker definitions or enable declaration"
+        ) from None
 
 
 async def _declare_owned_queue(

@@ -47,6 +47,14 @@ LogLevel = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidat
 LogFormat = Literal["auto", "json", "text"]
 QueueType = Literal["quorum", "classic"]
 Seconds = Annotated[float, Field(gt=0)]
+
+
+def _source_names(value: Any) -> Any:
+    return parse_source_names(value) if isinstance(value, str) else value
+
+
+SourceNames = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_source_names)]
+
 # RabbitMQ's x-max-age: a positive count of years, months, days, hours, minutes or seconds.
 _ARCHIVE_MAX_AGE = re.compile(r"[1-9][0-9]{0,8}[YMDhms]")
 
@@ -84,7 +92,7 @@ class Settings(BaseSettings):
         "(BRIDGE_WEBHOOK_SECRET_<NAME>, or the file <name>/BRIDGE_WEBHOOK_SECRET in "
         "BRIDGE_SECRETS_DIR).",
     )
-    sources: Annotated[tuple[str, ...], NoDecode] = Field(
+    sources: SourceNames = Field(
         default=(),
         description="Comma-separated names of the OpenAI projects served, each at "
         "/webhooks/openai/<name> with its own secrets, its messages labelled with the "
@@ -279,11 +287,6 @@ class Settings(BaseSettings):
             _decode_secrets(value)
         return value
 
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _source_names(cls, value: Any) -> Any:
-        return parse_source_names(value) if isinstance(value, str) else value
-
     @model_validator(mode="after")
     def _one_secret_list_or_sources(self) -> Settings:
         given = "webhook_secret" in self.model_fields_set
@@ -453,6 +456,12 @@ class Settings(BaseSettings):
         return ssl.create_default_context(
             cafile=str(self.amqp_ca_file) if self.amqp_ca_file else None
         )
+
+
+def bridge_setting(name: str) -> Any:
+    """The bridge's declaration of setting ``name`` (default, bounds, description), for a
+    settings model that reads the same variable with the same meaning."""
+    return Settings.model_fields[name]
 
 
 def checked_redis_url(value: SecretStr) -> SecretStr:

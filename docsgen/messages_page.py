@@ -12,11 +12,12 @@ import base64
 import dataclasses
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import aio_pika
+from aio_pika.abc import AbstractChannel
 
 from bridge.events import classify
 from bridge.frames import HeaderValue, MessageProperties
@@ -215,31 +216,12 @@ class _RecordingChannel:
         return declared
 
 
-def declared_topology(topology: Topology) -> list[_Declared]:
+def _declarations_table(
+    declare: Callable[[AbstractChannel], Coroutine[Any, Any, object]],
+) -> str:
+    """What ``declare`` declares on a channel, by name."""
     channel = _RecordingChannel()
-    asyncio.run(declare_topology(cast(aio_pika.abc.AbstractChannel, channel), topology))
-    return sorted(channel.declared, key=lambda declared: declared.name)
-
-
-def _topology_table(topology: Topology) -> str:
-    rows = [
-        [
-            code(declared.name),
-            declared.kind,
-            "durable" if declared.durable else "transient",
-            "<br>".join(
-                f"{code(key)}: {code(value)}" for key, value in sorted(declared.arguments.items())
-            ),
-            "<br>".join(code(name) for name in declared.bound_to),
-        ]
-        for declared in declared_topology(topology)
-    ]
-    return table(("Name", "Kind", "Durability", "Arguments", "Bound to"), rows)
-
-
-def _hydration_topology_table(settings: HydrateSettings) -> str:
-    channel = _RecordingChannel()
-    asyncio.run(declare_hydration_topology(cast(aio_pika.abc.AbstractChannel, channel), settings))
+    asyncio.run(declare(cast(AbstractChannel, channel)))
     rows = [
         [
             code(declared.name),
@@ -253,6 +235,14 @@ def _hydration_topology_table(settings: HydrateSettings) -> str:
         for declared in sorted(channel.declared, key=lambda declared: declared.name)
     ]
     return table(("Name", "Kind", "Durability", "Arguments", "Bound to"), rows)
+
+
+def _topology_table(topology: Topology) -> str:
+    return _declarations_table(lambda channel: declare_topology(channel, topology))
+
+
+def _hydration_topology_table(settings: HydrateSettings) -> str:
+    return _declarations_table(lambda channel: declare_hydration_topology(channel, settings))
 
 
 def _hydration_headers_table() -> str:

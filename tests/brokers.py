@@ -220,8 +220,7 @@ class RabbitMQ:
         assignments = [f"{name}={value}" for name, value in self.ctl_variables.items()]
         program = directory / "rabbitmqctl"
         program.write_text(
-            "#!/bin/sh\n"
-            f"exec env {shlex.join(assignments)} {shlex.join(self.ctl_command)} \"$@\"\n"
+            f'#!/bin/sh\nexec env {shlex.join(assignments)} {shlex.join(self.ctl_command)} "$@"\n'
         )
         program.chmod(0o755)
         return program

@@ -28,7 +28,7 @@ from aiohttp.test_utils import TestClient
 from pamqp.commands import Basic
 
 from bridge.frames import MessageProperties
-from bridge.publisher import Outcome, OutgoingMessage, Topology
+from bridge.publisher import AmqpPublisher, Outcome, OutgoingMessage, Topology
 from bridge.settings import Settings, load_settings
 from bridge.signature import decode_secret, sign
 from tests.brokers import (
@@ -79,9 +79,7 @@ def rabbitmq(
 
 
 @contextlib.contextmanager
-def pointing_tests_at(
-    broker: RabbitMQ, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
+def pointing_tests_at(broker: RabbitMQ, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch, testing_against(broker):
         # Test modules import the URL by name; each copy of it follows the broker under test.
         for module in list(sys.modules.values()):
@@ -151,9 +149,20 @@ def signer() -> Signer:
     return Signer()
 
 
+async def until_publisher_ready(publisher: AmqpPublisher, timeout: float) -> None:
+    """Wait until the publisher is connected with its topology (fails after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        while not publisher.ready:
+            await asyncio.sleep(0.05)
+
+
 def make_settings(signer: Signer, **overrides: Any) -> Settings:
+    return load_test_settings(None, **{"webhook_secret": signer.secret, **overrides})
+
+
+def load_test_settings(secrets_dir: Path | None, **overrides: Any) -> Settings:
+    """The bridge's settings for a test: the local broker, a new exchange, short timeouts."""
     values: dict[str, Any] = {
-        "webhook_secret": signer.secret,
         "amqp_url": AMQP_URL,
         "exchange": unique_name("test.webhooks"),
         "publish_timeout": 2.0,
@@ -162,7 +171,7 @@ def make_settings(signer: Signer, **overrides: Any) -> Settings:
         "metrics_port": 0,
     }
     values.update(overrides)
-    return load_settings(secrets_dir=None, **values)
+    return load_settings(secrets_dir=secrets_dir, **values)
 
 
 @pytest.fixture
@@ -406,6 +415,4 @@ def start_bridge(
 
     yield start
     for bridge in started:
-        if bridge.process.poll() is None:
-            bridge.process.kill()
-            bridge.process.wait()
+        bridge.stop(signal.SIGKILL)

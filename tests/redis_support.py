@@ -10,7 +10,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 
 from bridge.dedup.redis_claims import digest_of, group_of
 from tests.brokers import port_is_free
-from tests.conftest import free_port
+from tests.conftest import BridgeProcess, Broker, Signer, free_port
+from tests.history import OpenAILikeSender
 
 REDIS_URL = os.environ.get("BRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PORT_BASE_VARIABLE = "BRIDGE_TEST_REDIS_PORT_BASE"
@@ -154,3 +155,28 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.stop()
+
+
+async def dedup_bridge_under_load(
+    start_bridge: Callable[..., BridgeProcess],
+    broker: Broker,
+    make_sender: Callable[..., OpenAILikeSender],
+    signer: Signer,
+    *,
+    dedup_url: str,
+    on_error: str,
+    accepted: int,
+) -> tuple[BridgeProcess, str, OpenAILikeSender]:
+    """A ready bridge deduplicating through ``dedup_url``, a queue taking everything it
+    publishes, and a sender of webhooks that has had ``accepted`` of them answered 2xx."""
+    pod = start_bridge(
+        BRIDGE_DEDUP_URL=dedup_url,
+        BRIDGE_DEDUP_ON_ERROR=on_error,
+        BRIDGE_PUBLISH_TIMEOUT="2",
+    )
+    await pod.wait_ready()
+    queue = await broker.bind_queue(pod.exchange, "#")
+    sender = make_sender(pod.url, signer, concurrency=8, retry_deadline=60)
+    sender.start()
+    await sender.wait_accepted(accepted)
+    return pod, queue, sender

@@ -9,9 +9,7 @@ on a real Prometheus scraping a real bridge.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from tests.monitoring import (
     rule_groups,
     write_yaml,
 )
+from tests.test_deploy import kustomize_overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,24 +332,7 @@ def test_monitoring_is_a_component_with_the_dashboard() -> None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_an_overlay_with_the_component_renders_valid_manifests(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                # kustomize takes only relative paths.
-                "resources": [os.path.relpath(ROOT / "deploy", overlay)],
-                "components": [os.path.relpath(MONITORING, overlay)],
-            }
-        )
-    )
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
-    documents = [doc for doc in yaml.safe_load_all(rendered) if doc]
+    documents = kustomize_overlay(tmp_path, MONITORING)
     kinds = sorted(doc["kind"] for doc in documents)
     assert kinds.count("ConfigMap") == 2
     assert {"Deployment", "PodMonitor", "PrometheusRule"} <= set(kinds)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import BridgeProcess, Broker, Signer
 from tests.history import OpenAILikeSender, check
-from tests.redis_support import PrivateRedis, private_redis
+from tests.redis_support import PrivateRedis, dedup_bridge_under_load, private_redis
 
 __all__ = ["private_redis"]  # fixtures used by the tests below
 
@@ -63,16 +63,15 @@ async def test_redis_stopped_and_started_under_load_loses_nothing(
     make_sender: Callable[..., OpenAILikeSender],
     scenario: str,
 ) -> None:
-    pod = start_bridge(
-        BRIDGE_DEDUP_URL=private_redis.url,
-        BRIDGE_DEDUP_ON_ERROR=mode,
-        BRIDGE_PUBLISH_TIMEOUT="2",
+    pod, queue, sender = await dedup_bridge_under_load(
+        start_bridge,
+        broker,
+        make_sender,
+        signer,
+        dedup_url=private_redis.url,
+        on_error=mode,
+        accepted=50,
     )
-    await pod.wait_ready()
-    queue = await broker.bind_queue(pod.exchange, "#")
-    sender = make_sender(pod.url, signer, concurrency=8, retry_deadline=60)
-    sender.start()
-    await sender.wait_accepted(50)
 
     private_redis.stop()
     if mode == "reject":

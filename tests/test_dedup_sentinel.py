@@ -21,6 +21,7 @@ from bridge.dedup.idempotency import RedisIdempotencyStore
 from bridge.dedup.store import ClaimState, StoreUnavailable
 from tests.conftest import BridgeProcess, Broker, Signer
 from tests.history import OpenAILikeSender, check, make_sender
+from tests.redis_support import dedup_bridge_under_load
 from tests.redis_topologies import SentinelSet, sentinel_set
 
 __all__ = ["make_sender", "sentinel_set"]  # fixtures used by the tests below
@@ -63,16 +64,15 @@ async def test_a_master_lost_under_load_loses_nothing_acknowledged(
     sentinel_set: SentinelSet,
     make_sender: Callable[..., OpenAILikeSender],
 ) -> None:
-    pod = start_bridge(
-        BRIDGE_DEDUP_URL=sentinel_set.url,
-        BRIDGE_DEDUP_ON_ERROR="reject",
-        BRIDGE_PUBLISH_TIMEOUT="2",
+    _, queue, sender = await dedup_bridge_under_load(
+        start_bridge,
+        broker,
+        make_sender,
+        signer,
+        dedup_url=sentinel_set.url,
+        on_error="reject",
+        accepted=100,
     )
-    await pod.wait_ready()
-    queue = await broker.bind_queue(pod.exchange, "#")
-    sender = make_sender(pod.url, signer, concurrency=8, retry_deadline=60)
-    sender.start()
-    await sender.wait_accepted(100)
 
     old_master = sentinel_set.master_port()
     fault_at = time.monotonic()

@@ -108,6 +108,29 @@ def _load_all(path: Path) -> list[dict[str, Any]]:
     return docs
 
 
+def kustomize_overlay(tmp_path: Path, component: Path) -> list[dict[str, Any]]:
+    """The documents ``kubectl kustomize`` renders for an overlay of deploy/ with
+    ``component``."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                # kustomize takes only relative paths.
+                "resources": [os.path.relpath(DEPLOY, overlay)],
+                "components": [os.path.relpath(component, overlay)],
+            }
+        )
+    )
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
 def _kustomization() -> dict[str, Any]:
     (kustomization,) = _load_all(DEPLOY / "kustomization.yaml")
     return kustomization

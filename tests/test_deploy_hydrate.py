@@ -43,101 +43,87 @@ LABELS = {"app.kubernetes.io/name": NAME}
 DEFAULTS = HydrateSettings.model_fields
 
 _STRINGS = {"type": "object", "additionalProperties": {"type": "string"}}
-_METADATA = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {"name": {"type": "string"}, "labels": _STRINGS},
-    "additionalProperties": False,
-}
+
+
+def _closed(properties: dict[str, object], *required: str) -> dict[str, object]:
+    """An object with these properties and no other, ``required`` among them."""
+    return {
+        "type": "object",
+        "required": list(required),
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _keda_resource(kind: str, spec: dict[str, object]) -> dict[str, object]:
+    metadata = _closed({"name": {"type": "string"}, "labels": _STRINGS}, "name")
+    return _closed(
+        {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "kind": {"const": kind},
+            "metadata": metadata,
+            "spec": spec,
+        },
+        *("apiVersion", "kind", "metadata", "spec"),
+    )
+
+
+_NAME = _closed({"name": {"type": "string"}}, "name")
 # KEDA's CRDs (keda.sh/v1alpha1), for the fields used here, closed so that a misspelt field
 # fails here instead of being pruned by the API server.
 KEDA_SCHEMAS = {
-    "TriggerAuthentication": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "kind": {"const": "TriggerAuthentication"},
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "required": ["secretTargetRef"],
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["parameter", "name", "key"],
-                            "properties": {
-                                "parameter": {"type": "string"},
-                                "name": {"type": "string"},
-                                "key": {"type": "string"},
-                            },
-                            "additionalProperties": False,
+    "TriggerAuthentication": _keda_resource(
+        "TriggerAuthentication",
+        _closed(
+            {
+                "secretTargetRef": {
+                    "type": "array",
+                    "items": _closed(
+                        {
+                            "parameter": {"type": "string"},
+                            "name": {"type": "string"},
+                            "key": {"type": "string"},
                         },
-                    }
-                },
-                "additionalProperties": False,
+                        *("parameter", "name", "key"),
+                    ),
+                }
             },
-        },
-        "additionalProperties": False,
-    },
-    "ScaledObject": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "kind": {"const": "ScaledObject"},
-            "metadata": _METADATA,
-            "spec": {
-                "type": "object",
-                "required": ["scaleTargetRef", "triggers"],
-                "properties": {
-                    "scaleTargetRef": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {"name": {"type": "string"}},
-                        "additionalProperties": False,
-                    },
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "metadata"],
-                            "properties": {
-                                "type": {"const": "rabbitmq"},
-                                "metadata": {
-                                    "type": "object",
-                                    "required": ["protocol", "queueName", "mode", "value"],
-                                    "properties": {
-                                        "protocol": {"enum": ["amqp", "http", "auto"]},
-                                        "queueName": {"type": "string"},
-                                        "mode": {"enum": ["QueueLength", "MessageRate"]},
-                                        "value": {"type": "string", "pattern": "^[0-9.]+$"},
-                                    },
-                                    "additionalProperties": False,
+            "secretTargetRef",
+        ),
+    ),
+    "ScaledObject": _keda_resource(
+        "ScaledObject",
+        _closed(
+            {
+                "scaleTargetRef": _NAME,
+                "minReplicaCount": {"type": "integer", "minimum": 0},
+                "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": {"type": "integer", "minimum": 0},
+                "triggers": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": _closed(
+                        {
+                            "type": {"const": "rabbitmq"},
+                            "metadata": _closed(
+                                {
+                                    "protocol": {"enum": ["amqp", "http", "auto"]},
+                                    "queueName": {"type": "string"},
+                                    "mode": {"enum": ["QueueLength", "MessageRate"]},
+                                    "value": {"type": "string", "pattern": "^[0-9.]+$"},
                                 },
-                                "authenticationRef": {
-                                    "type": "object",
-                                    "required": ["name"],
-                                    "properties": {"name": {"type": "string"}},
-                                    "additionalProperties": False,
-                                },
-                            },
-                            "additionalProperties": False,
+                                *("protocol", "queueName", "mode", "value"),
+                            ),
+                            "authenticationRef": _NAME,
                         },
-                    },
+                        *("type", "metadata"),
+                    ),
                 },
-                "additionalProperties": False,
             },
-        },
-        "additionalProperties": False,
-    },
+            *("scaleTargetRef", "triggers"),
+        ),
+    ),
 }
 
 

@@ -34,6 +34,7 @@ from tests.conftest import (
     Signer,
     make_settings,
     unique_name,
+    until_publisher_ready,
 )
 from tests.tcp_proxy import holdable_proxy
 
@@ -81,9 +82,7 @@ async def test_a_dead_node_in_the_list_is_skipped(
         )
         await publisher.start()
         try:
-            async with asyncio.timeout(20):
-                while not publisher.ready:
-                    await asyncio.sleep(0.05)
+            await until_publisher_ready(publisher, 20)
             assert publisher.node == node_address(URL(AMQP_URL))
         finally:
             await publisher.close()
@@ -157,18 +156,14 @@ async def test_a_channel_the_broker_closes_fails_its_publishes_at_once(
 
     await publisher.start()
     try:
-        async with asyncio.timeout(20):
-            while not publisher.ready:
-                await asyncio.sleep(0.05)
+        await until_publisher_ready(publisher, 20)
         queue = await broker.bind_queue(settings.exchange, "#")
         started = asyncio.get_running_loop().time()
         # An exchange that does not exist: the broker closes the channel (404).
         with pytest.raises(BrokerUnavailable):
             await publisher.publish(message(unique_name("test.missing")))
         assert asyncio.get_running_loop().time() - started < 2.0, "failed at the deadline only"
-        async with asyncio.timeout(20):
-            while not publisher.ready:
-                await asyncio.sleep(0.05)
+        await until_publisher_ready(publisher, 20)
         assert await publisher.publish(message(settings.exchange)) is Outcome.PUBLISHED
     finally:
         await publisher.close()
@@ -205,9 +200,7 @@ async def test_requests_waiting_for_a_slot_when_the_connection_goes_get_503(
         broker.forget_topology(publisher.topology)
         await publisher.start()
         try:
-            async with asyncio.timeout(20):
-                while not publisher.ready:
-                    await asyncio.sleep(0.05)
+            await until_publisher_ready(publisher, 20)
             client = await aiohttp_client(create_app(settings, publisher))
             queue = await broker.bind_queue(settings.exchange, "#")
             # The only slot is the test's: every request waits for it, past the ready check.
@@ -232,9 +225,7 @@ async def test_requests_waiting_for_a_slot_when_the_connection_goes_get_503(
             assert statuses == [503] * len(waiting)
 
             proxy.resume()
-            async with asyncio.timeout(30):
-                while not publisher.ready:
-                    await asyncio.sleep(0.05)
+            await until_publisher_ready(publisher, 30)
             body = sample_body("batch.completed")
             response = await client.post(
                 "/webhooks/openai", data=body, headers=signer.headers(body)

@@ -33,7 +33,7 @@ from pydantic import ValidationError
 from bridge.consumer import ObjectConsumer, retry_queue_name
 from bridge.dedup.idempotency import RedisIdempotencyStore
 from bridge.events import KNOWN_EVENT_TYPES
-from bridge.hydrate import HYDRATIONS, HydrateSettings, Hydration, hydration_for
+from bridge.hydrate import HYDRATIONS, HydrateSettings, Hydration, HydrationNames, hydration_for
 from bridge.hydrate.api import OpenAIFetcher
 from bridge.hydrate.fetching import retry_after_seconds
 from bridge.hydrate.service import openai_fetcher, serve_worker
@@ -648,6 +648,18 @@ async def exists(hydrating: Hydrating, queue: str) -> bool:
     return True
 
 
+async def until_drained(hydrating: Hydrating, names: HydrationNames, what: str) -> None:
+    """Until the hydration queue and its retry queue, where declared, are empty."""
+    queues = [names.queue, retry_queue_name(names.queue, 1000)]
+
+    async def drained() -> bool:
+        return not any(
+            [await hydrating.depth(queue) for queue in queues if await exists(hydrating, queue)]
+        )
+
+    await until_async(drained, what)
+
+
 @pytest.mark.redis
 async def test_two_workers_share_the_queue_and_publish_each_object_once(
     hydrating: Hydrating,
@@ -669,15 +681,7 @@ async def test_two_workers_share_the_queue_and_publish_each_object_once(
         for message in messages:
             assert_object(message, next(s for s in sent if s.webhook_id == message.message_id))
         assert one_per_webhook_id(messages) == Counter(each.webhook_id for each in sent)
-        names = settings.names
-
-        async def drained() -> bool:
-            queues = [names.queue, retry_queue_name(names.queue, 1000)]
-            return not any(
-                [await hydrating.depth(queue) for queue in queues if await exists(hydrating, queue)]
-            )
-
-        await until_async(drained, "every copy was handled")
+        await until_drained(hydrating, settings.names, "every copy was handled")
         handled = [
             sample(
                 worker,
@@ -749,15 +753,7 @@ async def test_a_worker_killed_mid_way_loses_nothing_and_publishes_nothing_twice
     second = start()
     try:
         late = await hydrating.take(hydrating.objects_queue, 4)
-        names = settings.names
-
-        async def drained() -> bool:
-            queues = [names.queue, retry_queue_name(names.queue, 1000)]
-            return not any(
-                [await hydrating.depth(queue) for queue in queues if await exists(hydrating, queue)]
-            )
-
-        await until_async(drained, "every event was handled")
+        await until_drained(hydrating, settings.names, "every event was handled")
     finally:
         second.send_signal(signal.SIGTERM)
         _, errors = second.communicate(timeout=60)

@@ -5,8 +5,6 @@ broker, which is why the bound is where it is."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 import aiormq
 import pytest
@@ -16,7 +14,7 @@ from bridge.publisher import AmqpPublisher, BrokerUnavailable, Outcome, Outgoing
 from bridge.samples import new_webhook_id
 from bridge.settings import BROKER_MAX_MESSAGE_BYTES, SettingsError
 from tests.brokers import RabbitMQ
-from tests.conftest import Broker, Signer, make_settings
+from tests.conftest import Broker, Signer, make_settings, until_publisher_ready
 
 
 def test_a_larger_maximum_than_the_broker_takes_is_refused_in_one_line(signer: Signer) -> None:
@@ -49,9 +47,7 @@ async def test_a_body_of_the_largest_size_allowed_is_published_and_confirmed(
     broker.forget_topology(publisher.topology)
     await publisher.start()
     try:
-        async with asyncio.timeout(30):
-            while not publisher.ready:
-                await asyncio.sleep(0.05)
+        await until_publisher_ready(publisher, 30)
         queue = await broker.bind_queue(settings.exchange, "#")
         largest = message(settings.exchange, settings.max_body_bytes)
         assert await publisher.publish(largest) is Outcome.PUBLISHED

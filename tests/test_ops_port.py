@@ -35,8 +35,9 @@ async def test_operations_answer_on_their_port_and_not_on_the_webhook_port(
     assert await operated.metric(PUBLISHED) == 1
     async with (
         aiohttp.ClientSession() as session,
-        session.post(operated.url("/webhooks/openai"), data=body, headers=signer.headers(body))
-        as response,
+        session.post(
+            operated.url("/webhooks/openai"), data=body, headers=signer.headers(body)
+        ) as response,
     ):
         assert response.status == 404, "no webhook is taken on the operations port"
     assert bridge.stop() == 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,12 @@ class Lab:
 
     def nodes_other_than(self, node: NamespacedNode) -> list[NamespacedNode]:
         return [other for other in self.nodes if other is not node]
+
+    def node_and_peers(self, node: NamespacedNode) -> tuple[list[Namespace], list[Namespace]]:
+        """The two sides of a cut between ``node`` and the rest of the cluster."""
+        return [self.namespace_of(node)], [
+            self.namespace_of(other) for other in self.nodes_other_than(node)
+        ]
 
     @property
     def nodes(self) -> list[NamespacedNode]:
@@ -160,9 +167,7 @@ def start_bridge_in(signer: Signer, tmp_path: Path) -> Iterator[Callable[..., Br
 
     yield start
     for bridge in started:
-        if bridge.process.poll() is None:
-            bridge.process.kill()
-            bridge.process.wait()
+        bridge.stop(signal.SIGKILL)
 
 
 @dataclass
@@ -227,17 +232,21 @@ async def heal_and_check(
     return histories
 
 
-async def test_the_bridges_node_cut_off_from_its_peers(
-    lab: Lab, start_loaded: Callable[..., Awaitable[Loaded]], scenario: str
+async def fails_over_across_a_cut(
+    lab: Lab,
+    loaded: Loaded,
+    exchange: str,
+    scenario: str,
+    cut_off: Callable[[NamespacedNode], tuple[list[Namespace], list[Namespace]]],
 ) -> None:
-    exchange = unique_name("test.partition")
-    loaded = await start_loaded(lab.clients[0], exchange)
+    """Under load, the two sides ``cut_off`` names for the bridge's node are cut apart: the
+    bridge moves to another node, and once healed every accepted event arrived."""
     node = loaded.node
     queue = await ClusterQueue.declare(lab.cluster, exchange, lab.nodes_other_than(node)[0])
     await loaded.sender.wait_accepted(100)
 
     fault_at = time.monotonic()
-    cut([lab.namespace_of(node)], [lab.namespace_of(other) for other in lab.nodes_other_than(node)])
+    cut(*cut_off(node))
     moved = await wait_until(
         lambda: moved_off(lab, loaded.bridge, node), FAILOVER_BOUND, "the bridge left the node"
     )
@@ -245,6 +254,14 @@ async def test_the_bridges_node_cut_off_from_its_peers(
     print(f"\n{scenario}: on another node {moved:.1f} s after the cut")
     (history,) = await heal_and_check(lab, scenario, [loaded], queue)
     print(f"{scenario}: 2xx again {history.first_2xx_sent_after(fault_at):.1f} s after the cut")
+
+
+async def test_the_bridges_node_cut_off_from_its_peers(
+    lab: Lab, start_loaded: Callable[..., Awaitable[Loaded]], scenario: str
+) -> None:
+    exchange = unique_name("test.partition")
+    loaded = await start_loaded(lab.clients[0], exchange)
+    await fails_over_across_a_cut(lab, loaded, exchange, scenario, lab.node_and_peers)
 
 
 async def test_the_bridge_cut_off_from_its_node(
@@ -253,19 +270,9 @@ async def test_the_bridge_cut_off_from_its_node(
     exchange = unique_name("test.partition")
     client = lab.clients[0]
     loaded = await start_loaded(client, exchange)
-    node = loaded.node
-    queue = await ClusterQueue.declare(lab.cluster, exchange, lab.nodes_other_than(node)[0])
-    await loaded.sender.wait_accepted(100)
-
-    fault_at = time.monotonic()
-    cut([client], [lab.namespace_of(node)])
-    moved = await wait_until(
-        lambda: moved_off(lab, loaded.bridge, node), FAILOVER_BOUND, "the bridge left the node"
+    await fails_over_across_a_cut(
+        lab, loaded, exchange, scenario, lambda node: ([client], [lab.namespace_of(node)])
     )
-    await loaded.sender.accept_more(50, timeout=FAILOVER_BOUND)
-    print(f"\n{scenario}: on another node {moved:.1f} s after the cut")
-    (history,) = await heal_and_check(lab, scenario, [loaded], queue)
-    print(f"{scenario}: 2xx again {history.first_2xx_sent_after(fault_at):.1f} s after the cut")
 
 
 async def test_two_bridges_on_opposite_sides_of_a_split(
@@ -338,10 +345,7 @@ async def test_a_flapping_partition(
     started = time.monotonic()
     flaps = 0
     while time.monotonic() - started < FLAP_FOR_SECONDS:
-        cut(
-            [lab.namespace_of(node)],
-            [lab.namespace_of(other) for other in lab.nodes_other_than(node)],
-        )
+        cut(*lab.node_and_peers(node))
         await asyncio.sleep(FLAP_CUT_SECONDS)
         lab.network.heal()  # only the links: the nodes are left to sort themselves out
         await asyncio.sleep(FLAP_HEALED_SECONDS)

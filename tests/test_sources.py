@@ -20,7 +20,6 @@ from urllib.parse import quote
 import aio_pika
 import aiohttp
 import pytest
-import yaml
 from aio_pika.abc import AbstractIncomingMessage
 
 from bridge.app import WEBHOOK_PATH, create_app
@@ -36,6 +35,7 @@ from tests.conftest import (
     Broker,
     Client,
     Signer,
+    load_test_settings,
     new_secret,
     post_webhook,
     unique_name,
@@ -48,6 +48,7 @@ from tests.test_deploy import (
     _import_definitions,
     _load_all,
     _rabbitmqctl,
+    kustomize_overlay,
 )
 from tests.test_endpoints import Outcome as EndpointsOutcome
 from tests.test_endpoints import RunningStandIn, endpoints, standin  # noqa: F401  # fixtures
@@ -88,22 +89,21 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def source_settings(projects: Projects, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "sources": ",".join(SOURCES),
-        "amqp_url": AMQP_URL,
-        "exchange": unique_name("test.webhooks"),
-        "publish_timeout": 2.0,
-        "drain_timeout": 5.0,
-        "metrics_port": 0,
-    }
-    values.update(overrides)
-    return load_settings(secrets_dir=projects.secrets_dir, **values)
+    return load_test_settings(projects.secrets_dir, **{"sources": ",".join(SOURCES), **overrides})
 
 
 def forget_source_topology(broker: Broker, topology: Topology) -> None:
     broker.forget_topology(topology)
     broker.created_exchanges += [topology.sources_exchange]
     broker.created_exchanges += [topology.source_exchange(name) for name in topology.sources]
+
+
+def new_sourced_topology(broker: Broker) -> Topology:
+    """The default names of a new exchange with every source, forgotten after the test."""
+    exchange = unique_name("test.webhooks")
+    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
+    forget_source_topology(broker, topology)
+    return topology
 
 
 # --- Configuration -------------------------------------------------------------------------
@@ -200,7 +200,14 @@ def test_without_sources_the_single_secret_is_still_required(
 async def sourced(
     aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
 ) -> tuple[Client, Settings, Topology]:
-    settings = source_settings(projects)
+    return await start_sourced_app(aiohttp_client, projects, broker)
+
+
+async def start_sourced_app(
+    aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, **overrides: object
+) -> tuple[Client, Settings, Topology]:
+    """A ready bridge app serving every source, its topology forgotten after the test."""
+    settings = source_settings(projects, **overrides)
     topology = Topology.from_settings(settings)
     forget_source_topology(broker, topology)
     client = await aiohttp_client(create_app(settings))
@@ -344,11 +351,9 @@ async def test_with_the_archive_unrouted_counts_the_main_exchange_only(
 ) -> None:
     """The documented limit: the stream takes every event, so nothing is ever returned, and
     the main exchange's alternate exchange decides. Nothing is lost or doubled."""
-    settings = source_settings(projects, archive_max_bytes=10_000_000)
-    topology = Topology.from_settings(settings)
-    forget_source_topology(broker, topology)
-    client = await aiohttp_client(create_app(settings))
-    await wait_until_ready(client)
+    client, _, topology = await start_sourced_app(
+        aiohttp_client, projects, broker, archive_max_bytes=10_000_000
+    )
     assert await unrouted_case(client, broker, projects, topology) == {
         "prod only": ["prod fine-tuning"],
         "everyone": ["staging batch"],
@@ -388,11 +393,7 @@ async def metrics_of(bridge: BridgeProcess) -> str:
 def two_bridges(
     start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
 ) -> tuple[BridgeProcess, BridgeProcess]:
-    exchange = unique_name("test.webhooks")
-    forget_source_topology(
-        broker,
-        Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES),
-    )
+    exchange = new_sourced_topology(broker).exchange
     return (
         start_sourced_bridge(start_bridge, projects, exchange),
         start_sourced_bridge(start_bridge, projects, exchange),
@@ -553,9 +554,8 @@ def command_environment(projects: Projects, exchange: str) -> dict[str, str]:
 async def test_trigger_and_consume_by_source_with_per_source_verification(
     start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
 ) -> None:
-    exchange = unique_name("test.webhooks")
-    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
-    forget_source_topology(broker, topology)
+    topology = new_sourced_topology(broker)
+    exchange = topology.exchange
     bridge = start_sourced_bridge(start_bridge, projects, exchange)
     await bridge.wait_ready()
     consumer = await asyncio.create_subprocess_exec(
@@ -663,9 +663,8 @@ async def test_replay_by_source_and_refusals_of_the_commands(
 async def test_without_declaring_a_missing_source_exchange_keeps_the_bridge_unready(
     start_bridge: Callable[..., BridgeProcess], projects: Projects, broker: Broker
 ) -> None:
-    exchange = unique_name("test.webhooks")
-    topology = Topology(exchange, f"{exchange}.unrouted", f"{exchange}.quarantine", sources=SOURCES)
-    forget_source_topology(broker, topology)
+    topology = new_sourced_topology(broker)
+    exchange = topology.exchange
     for name in (topology.exchange, topology.unrouted_exchange, topology.quarantine_exchange):
         await broker.channel.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
     await broker.channel.declare_exchange(
@@ -746,11 +745,9 @@ async def post_to_body(bridge: BridgeProcess, source: str, signer: Signer, body:
 async def test_the_archive_read_by_source_with_each_sources_secrets(
     aiohttp_client: AiohttpClient, projects: Projects, broker: Broker, clean_environment: None
 ) -> None:
-    settings = source_settings(projects, archive_max_bytes=10_000_000)
-    topology = Topology.from_settings(settings)
-    forget_source_topology(broker, topology)
-    client = await aiohttp_client(create_app(settings))
-    await wait_until_ready(client)
+    client, settings, _ = await start_sourced_app(
+        aiohttp_client, projects, broker, archive_max_bytes=10_000_000
+    )
     bodies = {}
     for source in ("prod", "staging", "team-b"):
         bodies[source] = sample_body("batch.completed")
@@ -777,23 +774,7 @@ async def test_the_archive_read_by_source_with_each_sources_secrets(
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_the_kubernetes_component_mounts_each_source_in_its_directory(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(DEPLOY, overlay)],
-                "components": [os.path.relpath(DEPLOY / "sources", overlay)],
-            }
-        )
-    )
-    rendered = subprocess.run(
-        ["kubectl", "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout  # fmt: skip
-    documents = {doc["kind"]: doc for doc in yaml.safe_load_all(rendered)}
+    documents = {doc["kind"]: doc for doc in kustomize_overlay(tmp_path, DEPLOY / "sources")}
     sources = parse_source_names(documents["ConfigMap"]["data"]["BRIDGE_SOURCES"])
     assert sources == ("prod", "staging")
     (volume,) = [

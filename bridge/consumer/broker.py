@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aiormq
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
+from pamqp.common import Arguments
 from pydantic import SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from yarl import URL
@@ -20,10 +21,9 @@ from bridge.nodes import BrokerNodes, first_answering, parse_node_urls, within
 from bridge.settings import (
     DEFAULT_EXCHANGE,
     ENV_PREFIX,
-    AmqpHeartbeat,
     LogFormat,
     LogLevel,
-    Settings,
+    bridge_setting,
     default_secrets_dir,
     settings_error,
 )
@@ -51,12 +51,12 @@ class ConsumerSettings(BaseSettings):
         env_prefix=ENV_PREFIX, case_sensitive=False, extra="ignore", hide_input_in_errors=True
     )
 
-    amqp_url: SecretStr = Settings.model_fields["amqp_url"].default
-    amqp_heartbeat: AmqpHeartbeat = Settings.model_fields["amqp_heartbeat"].default
-    amqp_ca_file: Path | None = None
+    amqp_url: SecretStr = bridge_setting("amqp_url")
+    amqp_heartbeat: int = bridge_setting("amqp_heartbeat")
+    amqp_ca_file: Path | None = bridge_setting("amqp_ca_file")
     exchange: str = DEFAULT_EXCHANGE
     log_level: LogLevel = "INFO"
-    log_format: LogFormat = "auto"
+    log_format: LogFormat = bridge_setting("log_format")
 
     @field_validator("amqp_url")
     @classmethod
@@ -123,6 +123,30 @@ class PatternReader:
     def patterns(self) -> tuple[str, ...]:
         return self._patterns
 
+    async def _declare_bound_queue(
+        self, channel: AbstractChannel, name: str | None, arguments: Arguments
+    ) -> AbstractQueue:
+        """A named queue is durable and shared; an unnamed one, this reader's own until it
+        disconnects. Either is bound to the exchange with every pattern."""
+        named = name is not None
+        queue = await channel.declare_queue(
+            name,
+            durable=named,
+            exclusive=not named,
+            auto_delete=not named,
+            arguments=arguments,
+        )
+        for pattern in self._patterns:
+            await queue.bind(self._exchange, routing_key=pattern)
+        return queue
+
+
+def check_queue_options(queue: str | None, *, prefetch: int, quorum: bool) -> None:
+    if prefetch < 1:
+        raise ValueError("prefetch must be at least 1")
+    if quorum and not queue:
+        raise ValueError("a quorum queue needs a name: quorum queues are durable and shared")
+
 
 async def require_exchange(connection: AbstractConnection, name: str) -> None:
     # A failed passive declare closes its channel, so it gets one of its own.
@@ -156,6 +180,7 @@ __all__ = [
     "ConsumerSettings",
     "ExchangeNotFoundError",
     "PatternReader",
+    "check_queue_options",
     "close_deliveries",
     "connect_to_a_node",
     "require_exchange",

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from bridge.consumer.broker import (
     CONNECTION_NAME,
     PatternReader,
+    check_queue_options,
     close_deliveries,
     require_exchange,
     tls_context,
@@ -144,10 +145,7 @@ class EventConsumer(PatternReader):
             raise ValueError("a queue declared elsewhere needs its name")
         if isinstance(verify_secrets, str):
             raise ValueError("verify_secrets must be a list of secrets, not one string")
-        if prefetch < 1:
-            raise ValueError("prefetch must be at least 1")
-        if quorum and not queue:
-            raise ValueError("a quorum queue needs a name: quorum queues are durable and shared")
+        check_queue_options(queue, prefetch=prefetch, quorum=quorum)
         if delivery_limit < 1:
             raise ValueError("delivery_limit must be at least 1")
         if isinstance(max_age, timedelta):
@@ -412,17 +410,11 @@ class EventConsumer(PatternReader):
             return await channel.declare_queue(self._queue_name, passive=True)
         if self._dead_letter_exchange:
             await self._declare_dead_letters(channel, self._dead_letter_exchange)
-        named = self._queue_name is not None
-        queue = await channel.declare_queue(
+        return await self._declare_bound_queue(
+            channel,
             self._queue_name,
-            durable=named,
-            exclusive=not named,
-            auto_delete=not named,
-            arguments=self._queue_arguments(dead_letter_exchange=self._dead_letter_exchange),
+            self._queue_arguments(dead_letter_exchange=self._dead_letter_exchange),
         )
-        for pattern in self._patterns:
-            await queue.bind(self._exchange, routing_key=pattern)
-        return queue
 
     async def _declare_dead_letters(self, channel: AbstractChannel, name: str) -> None:
         # Without a queue behind it, a dead-letter exchange silently discards what it receives.

@@ -30,6 +30,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 
 from bridge.consumer.broker import (
     PatternReader,
+    check_queue_options,
     close_deliveries,
     connect_to_a_node,
     require_exchange,
@@ -128,10 +129,7 @@ class ObjectConsumer(PatternReader):
         timeout: float = 10.0,
     ) -> None:
         super().__init__(f"{exchange}.objects", patterns)
-        if prefetch < 1:
-            raise ValueError("prefetch must be at least 1")
-        if quorum and not queue:
-            raise ValueError("a quorum queue needs a name: quorum queues are durable and shared")
+        check_queue_options(queue, prefetch=prefetch, quorum=quorum)
         self._amqp_url = amqp_url
         self._queue_name = queue
         self._prefetch = prefetch
@@ -161,16 +159,11 @@ class ObjectConsumer(PatternReader):
                 await require_exchange(connection, self._exchange)
                 channel = await connection.channel()
                 await channel.set_qos(prefetch_count=self._prefetch)
-                named = self._queue_name is not None
-                queue = await channel.declare_queue(
+                queue = await self._declare_bound_queue(
+                    channel,
                     self._queue_name,
-                    durable=named,
-                    exclusive=not named,
-                    auto_delete=not named,
-                    arguments={"x-queue-type": "quorum"} if self._quorum else None,
+                    {"x-queue-type": "quorum"} if self._quorum else None,
                 )
-                for pattern in self._patterns:
-                    await queue.bind(self._exchange, routing_key=pattern)
             self._connection, self._queue = connection, queue
             on_failure.pop_all()
         return self

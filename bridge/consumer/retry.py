@@ -32,9 +32,7 @@ ROUTING_KEY_HEADER = "x-original-routing-key"
 """The routing key the message was published with, kept across trips through a retry
 queue (which deliver it to the consumer queue under the queue's own name)."""
 
-# Set by the broker when it delivers or dead-letters a message: a copy starts afresh, so
-# that its trips through a retry queue are never taken for a dead-letter cycle.
-_BROKER_HEADERS = frozenset(
+BROKER_HEADERS = frozenset(
     {
         "x-death",
         "x-delivery-count",
@@ -46,6 +44,8 @@ _BROKER_HEADERS = frozenset(
         "x-last-death-reason",
     }
 )
+"""Set by the broker when it delivers or dead-letters a message: a copy starts afresh, so
+that its trips through a retry queue are never taken for a dead-letter cycle."""
 CONNECTION_GONE = (
     aiormq.exceptions.AMQPError,
     aiormq.exceptions.ChannelInvalidStateError,
@@ -173,9 +173,7 @@ async def settle(action: Awaitable[None], message: AbstractIncomingMessage, seco
 
 
 def _copy(message: AbstractIncomingMessage, *, routing_key: str, retries: int) -> aio_pika.Message:
-    headers = {
-        name: value for name, value in message.headers.items() if name not in _BROKER_HEADERS
-    }
+    headers = {name: value for name, value in message.headers.items() if name not in BROKER_HEADERS}
     headers[ROUTING_KEY_HEADER] = routing_key
     headers[RETRY_COUNT_HEADER] = retries
     # Not copied: an expiration would race the retry queue's own TTL, and a user_id other

@@ -19,23 +19,24 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bridge.hydrate.fetching import UnknownSource
 from bridge.redis_url import redact_redis_url
 from bridge.settings import (
-    DEFAULT_EXCHANGE,
     ENV_PREFIX,
     LogFormat,
     LogLevel,
     QueueType,
-    Settings,
+    Seconds,
     SettingsError,
+    SourceNames,
+    bridge_setting,
     checked_redis_url,
     default_secrets_dir,
     settings_error,
 )
-from bridge.sources import SourceError, parse_source_names, source_api_key
+from bridge.sources import SourceError, source_api_key
 
 __all__ = ["HydrateSettings", "HydrationNames", "load_hydrate_settings"]
 
@@ -63,22 +64,22 @@ class HydrateSettings(BaseSettings):
         populate_by_name=True,
     )
 
-    amqp_url: SecretStr = Settings.model_fields["amqp_url"].default
-    amqp_ca_file: Path | None = None
-    exchange: Annotated[str, Field(min_length=1, max_length=200)] = DEFAULT_EXCHANGE
+    amqp_url: SecretStr = bridge_setting("amqp_url")
+    amqp_ca_file: Path | None = bridge_setting("amqp_ca_file")
+    exchange: str = bridge_setting("exchange")
     queue_type: QueueType = Field(
         default="quorum",
         description="Type of the queues of unroutable objects and failure records (the "
         "hydration queue itself is always a quorum queue).",
     )
-    declare_topology: bool = True
-    publish_timeout: Annotated[float, Field(gt=0)] = Field(
+    declare_topology: bool = bridge_setting("declare_topology")
+    publish_timeout: Seconds = Field(
         default=5.0,
         description="Seconds to wait for the broker's confirm of a publish, and for each "
         "broker call.",
     )
     log_level: LogLevel = "INFO"
-    log_format: LogFormat = "auto"
+    log_format: LogFormat = bridge_setting("log_format")
     openai_api_key: SecretStr = Field(
         default=SecretStr(""),
         validation_alias=AliasChoices(API_KEY_VARIABLE),
@@ -87,7 +88,7 @@ class HydrateSettings(BaseSettings):
         "(OPENAI_API_KEY_<NAME>, or the file <name>/OPENAI_API_KEY in BRIDGE_SECRETS_DIR) "
         "and this one, if set, only for events without a source.",
     )
-    sources: Annotated[tuple[str, ...], NoDecode] = Field(
+    sources: SourceNames = Field(
         default=(),
         description="The bridge's BRIDGE_SOURCES: each source's events are fetched with that "
         "project's API key; an event of a source not listed is recorded as failed "
@@ -178,11 +179,6 @@ class HydrateSettings(BaseSettings):
         return checked_redis_url(value)
 
     _source_keys: dict[str, SecretStr] = PrivateAttr(default_factory=dict)
-
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _source_names(cls, value: Any) -> Any:
-        return parse_source_names(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _a_key_without_sources(self) -> HydrateSettings:

@@ -11,7 +11,6 @@ dead-lettered to the failed exchange, never dropped.
 
 from __future__ import annotations
 
-import aiormq
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from pamqp.common import FieldTable
 
@@ -19,7 +18,7 @@ from bridge.consumer import DEFAULT_DELIVERY_LIMIT
 from bridge.consumer.broker import require_exchange
 from bridge.hydrate.mapping import BINDING_PATTERNS
 from bridge.hydrate.settings import HydrateSettings
-from bridge.publisher import Topology, check_topology, declare_topology
+from bridge.publisher import Topology, check_topology, declare_topology, declared_elsewhere
 
 
 def objects_topology(settings: HydrateSettings) -> Topology:
@@ -71,10 +70,5 @@ async def declare_hydration_topology(channel: AbstractChannel, settings: Hydrate
 async def _check_queue(connection: AbstractRobustConnection, name: str) -> None:
     # A failed passive declare closes its channel, so it gets one of its own.
     async with connection.channel() as channel:
-        try:
+        with declared_elsewhere("queue", name):
             await channel.declare_queue(name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise RuntimeError(
-                f"queue {name!r} does not exist and BRIDGE_DECLARE_TOPOLOGY is false; "
-                "load the broker definitions or enable declaration"
-            ) from None

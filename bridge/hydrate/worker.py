@@ -53,6 +53,7 @@ from bridge.consumer import (
     InMemoryIdempotencyStore,
     connect_to_a_node,
 )
+from bridge.consumer.retry import BROKER_HEADERS
 from bridge.frames import APP_ID
 from bridge.hydrate.fetching import ApiFailure, FailureKind, Fetcher
 from bridge.hydrate.mapping import Hydration, hydration_for
@@ -91,20 +92,7 @@ DEFAULT_RATE_LIMIT_PAUSE = 1.0
 """Seconds every call waits after a 429 without ``Retry-After``."""
 
 # Headers of a message's trips through retry queues and dead-lettering: not the event's.
-_NOT_THE_EVENTS = frozenset(
-    {
-        RETRY_COUNT_HEADER,
-        ROUTING_KEY_HEADER,
-        "x-death",
-        "x-delivery-count",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-    }
-)
+_NOT_THE_EVENTS = frozenset({RETRY_COUNT_HEADER, ROUTING_KEY_HEADER, *BROKER_HEADERS})
 _TRACE_HEADERS = ("traceparent", "tracestate")
 T = TypeVar("T")
 _BROKER_FAILURES = (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError)
