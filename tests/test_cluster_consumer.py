@@ -113,6 +113,39 @@ async def consume_into(consumer: EventConsumer, handled: Handled) -> None:
         await delivery.ack()
 
 
+async def start_consuming(
+    stack: contextlib.AsyncExitStack, cluster: Cluster, exchange: str, on: Node, leader: Node
+) -> tuple[EventConsumer, Handled, asyncio.Task[None]]:
+    """An :class:`EventConsumer` given every node's URL, connected to ``on`` and reading a
+    new quorum queue led by ``leader`` with an in-process idempotency store, handing what
+    it reads to a :class:`Handled`; the consumer and its loop end with ``stack``."""
+    queue = unique_name("test.cluster.consumer")
+    consumer_of = functools.partial(
+        EventConsumer,
+        exchange=exchange,
+        patterns=["#"],
+        queue=queue,
+        quorum=True,
+        dead_letter_exchange=f"{queue}.dead",
+        heartbeat=CONSUMER_HEARTBEAT,
+        timeout=5.0,
+    )
+    # Declared first through the leader's node: a quorum queue is led from where it was
+    # declared.
+    async with consumer_of(leader.url):
+        pass
+    consumer = consumer_of(
+        cluster.urls, idempotency=InMemoryIdempotencyStore(), rng=rng_starting_with(cluster, on)
+    )
+    await stack.enter_async_context(consumer)
+    assert consumer.node == on.address
+    assert cluster.leader_of(queue) is leader
+    handled = Handled()
+    consuming = asyncio.create_task(consume_into(consumer, handled))
+    stack.push_async_callback(_stopped, consuming)
+    return consumer, handled, consuming
+
+
 @pytest.fixture
 async def start_scenario(
     cluster: Cluster,
@@ -132,32 +165,9 @@ async def start_scenario(
             await bridge.wait_ready(timeout=60)
             bridge_node = await connected_node(cluster, bridge)
             consumer_node, leader = layout(cluster, bridge_node)
-            queue = unique_name("test.cluster.consumer")
-            consumer_of = functools.partial(
-                EventConsumer,
-                exchange=bridge.exchange,
-                patterns=["#"],
-                queue=queue,
-                quorum=True,
-                dead_letter_exchange=f"{queue}.dead",
-                heartbeat=CONSUMER_HEARTBEAT,
-                timeout=5.0,
+            consumer, handled, consuming = await start_consuming(
+                stack, cluster, bridge.exchange, consumer_node, leader
             )
-            # Declared first through the leader's node: a quorum queue is led from where
-            # it was declared.
-            async with consumer_of(leader.url):
-                pass
-            consumer = consumer_of(
-                cluster.urls,
-                idempotency=InMemoryIdempotencyStore(),
-                rng=rng_starting_with(cluster, consumer_node),
-            )
-            await stack.enter_async_context(consumer)
-            assert consumer.node == consumer_node.address
-            assert cluster.leader_of(queue) is leader
-            handled = Handled()
-            consuming = asyncio.create_task(consume_into(consumer, handled))
-            stack.push_async_callback(_stopped, consuming)
             sender = make_sender(bridge.url, signer, retry_deadline=180.0)
             sender.start()
             await sender.wait_accepted(100)

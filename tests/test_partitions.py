@@ -6,12 +6,16 @@ URLs, under an OpenAI-like sender at 25 events/s (from the root namespace, which
 every namespace through the test bridge). Links are cut with nftables rules inside the
 namespaces, then healed, and every scenario ends with its history checked against a quorum
 queue bound ``#`` (tests/history.py): no 2xx'd event missing, no status but 2xx and 503.
+The consumer's scenario checks it against what an :class:`EventConsumer` handed its
+handler instead; that consumer runs in the test's own process, in the root namespace like
+the sender, which reaches every node through the test bridge and which no cut touches.
 One cluster serves every scenario; each leaves it healed and whole for the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -30,6 +34,12 @@ from tests.cluster import Cluster, ClusterQueue, connected_node
 from tests.conftest import BridgeProcess, Signer, bridge_environment, unique_name
 from tests.history import History, OpenAILikeSender, check
 from tests.netns import Namespace, NamespacedNode, Network, cut, namespace_network, namespaced_node
+from tests.test_cluster_consumer import (
+    Scenario,
+    apart_from_the_bridge,
+    finish_and_check,
+    start_consuming,
+)
 
 pytestmark = [pytest.mark.partition, pytest.mark.timeout(300)]
 
@@ -184,9 +194,10 @@ def start_loaded(
     signer: Signer,
     make_sender: Callable[..., OpenAILikeSender],
 ) -> Callable[..., Awaitable[Loaded]]:
-    """A ready bridge in ``client`` under load, and the node it is connected to."""
+    """A ready bridge in ``client`` under load, and the node it is connected to; with
+    ``sending=False``, its sender is left for the test to start."""
 
-    async def start(client: Namespace, exchange: str) -> Loaded:
+    async def start(client: Namespace, exchange: str, *, sending: bool = True) -> Loaded:
         bridge = start_bridge_in(client, lab.cluster, exchange)
         await bridge.wait_ready(timeout=60)
         node = await connected_node(lab.cluster, bridge)
@@ -194,7 +205,8 @@ def start_loaded(
         sender = make_sender(
             bridge.url, signer, rate=EVENTS_PER_SECOND, retry_deadline=600.0, concurrency=8
         )
-        sender.start()
+        if sending:
+            sender.start()
         return Loaded(bridge, sender, node)
 
     return start
@@ -227,9 +239,13 @@ async def heal_and_check(
     for number, (one, history) in enumerate(zip(loaded, histories, strict=True)):
         name = scenario if len(loaded) == 1 else f"{scenario} bridge {number + 1}"
         check(name, history, arrived)
-        assert one.bridge.process.poll() is None, "the bridge recovered without a restart"
-        assert "Traceback" not in one.bridge.log_path.read_text()
+        assert_recovered_without_restart(one.bridge)
     return histories
+
+
+def assert_recovered_without_restart(bridge: BridgeProcess) -> None:
+    assert bridge.process.poll() is None, "the bridge recovered without a restart"
+    assert "Traceback" not in bridge.log_path.read_text()
 
 
 async def fails_over_across_a_cut(
@@ -352,3 +368,45 @@ async def test_a_flapping_partition(
         flaps += 1
     print(f"\n{scenario}: {flaps} cuts of {FLAP_CUT_SECONDS:g} s")
     await heal_and_check(lab, scenario, [loaded], queue)
+
+
+async def test_the_consumers_node_cut_off_from_its_peers(
+    lab: Lab, start_loaded: Callable[..., Awaitable[Loaded]], scenario: str
+) -> None:
+    exchange = unique_name("test.partition")
+    loaded = await start_loaded(lab.clients[0], exchange, sending=False)
+    # The consumer alone on the node that is cut off, its queue led from the majority's side.
+    consumer_node, leader = apart_from_the_bridge(lab.cluster, loaded.node)
+    assert isinstance(consumer_node, NamespacedNode)
+    async with contextlib.AsyncExitStack() as stack:
+        consumer, handled, consuming = await start_consuming(
+            stack, lab.cluster, exchange, consumer_node, leader
+        )
+        loaded.sender.start()
+        await loaded.sender.wait_accepted(100)
+
+        fault_at = time.monotonic()
+        cut(
+            [lab.namespace_of(consumer_node)],
+            [lab.namespace_of(other) for other in lab.nodes_other_than(consumer_node)],
+        )
+
+        async def moved() -> bool:
+            return consumer.node not in (None, consumer_node.address)
+
+        moved_after = await wait_until(moved, FAILOVER_BOUND, "the consumer left the node")
+        print(f"\n{scenario}: consumer on another node {moved_after:.1f} s after the cut")
+        await asyncio.to_thread(heal, lab, scenario)
+        consumed = Scenario(
+            bridge=loaded.bridge,
+            bridge_node=loaded.node,
+            consumer=consumer,
+            consumer_node=consumer_node,
+            leader=leader,
+            sender=loaded.sender,
+            handled=handled,
+            consuming=consuming,
+        )
+        await finish_and_check(consumed, scenario, fault_at=fault_at)
+    assert consumer.reconnects == 1
+    assert_recovered_without_restart(loaded.bridge)
