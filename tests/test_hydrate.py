@@ -406,14 +406,16 @@ async def test_server_errors_are_retried_until_the_object_comes(hydrating: Hydra
     assert_object(message, sent)
     assert hydrating.standin.object_calls(f"/responses/{object_id}") == 4
     assert sample(worker, "webhook_bridge_hydrate_retries_total", reason="server_error") == 3
-    assert (
-        sample(
+    # Counted once the confirm is back, which can be just after the object is readable.
+    await until(
+        lambda: sample(
             worker,
             "webhook_bridge_hydrations_total",
             event_type="response.completed",
             result="published",
         )
-        == 1
+        == 1,
+        "the publish is counted",
     )
 
 
