@@ -191,15 +191,6 @@ class Ingress:
         counts.count(outcome)
         return web.Response(body=self._success_bodies[outcome], content_type=JSON)
 
-    @property
-    def verifier(self) -> SignatureVerifier:
-        """The single source's verifier (without BRIDGE_SOURCES)."""
-        return self.verifiers[None]
-
-    @verifier.setter
-    def verifier(self, verifier: SignatureVerifier) -> None:
-        self.verifiers[None] = verifier
-
     def _source(self, path_source: str | None) -> tuple[str | None, SignatureVerifier]:
         """The source a request is for and the verifier of its secrets; 404 for none."""
         verifier = self.verifiers.get(path_source)

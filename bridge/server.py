@@ -223,11 +223,11 @@ def reload_secrets_on_change(
 
     def apply(verifier: SignatureVerifier) -> None:
         counts.secret_count_changed(verifier.secret_count)
-        ingress.verifier = verifier
+        ingress.verifiers[None] = verifier
 
     reloader = SecretReloader(
         source.path,
-        current=lambda: ingress.verifier,
+        current=lambda: ingress.verifiers[None],
         apply=apply,
         counted=counts.secrets_reloaded,
         initial_keys=settings.signing_keys,

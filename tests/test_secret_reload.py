@@ -120,7 +120,7 @@ async def test_a_new_list_applies_to_the_next_requests(
     assert await post(reloading.client, new) == 401
     write_secret_file(reloading.secret_file, [new.secret, signer.secret])
     ingress = reloading.client.app[INGRESS]
-    await eventually(lambda: ingress.verifier.secret_count == 2)
+    await eventually(lambda: ingress.verifiers[None].secret_count == 2)
     assert await post(reloading.client, new) == 200
     assert await post(reloading.client, signer) == 200
     metrics = await scrape(reloading.client)
@@ -129,7 +129,7 @@ async def test_a_new_list_applies_to_the_next_requests(
     assert metric(metrics, "webhook_bridge_secret_matches_total", secret_index="1") == 1
 
     write_secret_file(reloading.secret_file, [new.secret])
-    await eventually(lambda: ingress.verifier.secret_count == 1)
+    await eventually(lambda: ingress.verifiers[None].secret_count == 1)
     assert await post(reloading.client, signer) == 401
     assert await post(reloading.client, new) == 200
     metrics = await scrape(reloading.client)
