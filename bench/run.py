@@ -694,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench/relay.py, adding MS each way (default 0: direct)",
     )
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    profiled = (BRIDGE, REFERENCE, HTTP_CEILING)
+    profiled = (BRIDGE, BRIDGE_REDIS, REFERENCE, HTTP_CEILING)
     parser.add_argument(
         "--profile",
         nargs="?",

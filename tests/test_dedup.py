@@ -53,9 +53,12 @@ class FakeStore:
             return Claim(key, ClaimState.NEW, b"our-token")
         return Claim(key, state)
 
-    async def confirm(self, claim: Claim) -> None:
+    def confirm(self, claim: Claim) -> asyncio.Future[None]:
         self.confirmed.append(claim.key)
         self.states[claim.key] = ClaimState.CONFIRMED
+        landed = asyncio.get_running_loop().create_future()
+        landed.set_result(None)
+        return landed
 
     async def release(self, claim: Claim) -> None:
         self.released.append(claim)

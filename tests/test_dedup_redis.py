@@ -33,6 +33,14 @@ __all__ = ["redis_client", "redis_prefix"]  # fixtures used by the tests below
 pytestmark = pytest.mark.redis
 
 
+async def until_available(store: RedisStore) -> None:
+    """Wait (up to three seconds) for the store's probe to find Redis answering again."""
+    for _ in range(60):
+        if store.available:
+            return
+        await asyncio.sleep(0.05)
+
+
 def store_at(prefix: str, url: str = REDIS_URL, **options: float) -> RedisStore:
     timeout = options.pop("timeout", 0.2)
     return RedisStore(
@@ -179,10 +187,7 @@ async def test_the_store_comes_back_after_redis_answers_again(
         with caplog.at_level(logging.WARNING, logger="bridge.dedup"):
             store._went_down(StoreUnavailable("simulated"))
             assert not store.available
-            for _ in range(50):
-                if store.available:
-                    break
-                await asyncio.sleep(0.05)
+            await until_available(store)
         assert store.available
         assert (await store.claim("wh_1")).state is ClaimState.NEW
         assert [record.getMessage() for record in caplog.records] == [
@@ -286,7 +291,7 @@ async def test_an_unauthenticated_request_claims_nothing(
     assert await remembering_hashes(redis_client, redis_prefix) == []
 
 
-async def test_connections_lost_at_once_are_one_outage_not_a_flapping_one(
+async def test_a_cut_connection_is_one_outage_not_a_flapping_one(
     caplog: pytest.LogCaptureFixture, redis_prefix: str
 ) -> None:
     redis_url = URL(REDIS_URL)
@@ -303,18 +308,13 @@ async def test_connections_lost_at_once_are_one_outage_not_a_flapping_one(
                         await asyncio.sleep(0)
                     await store.claim(f"wh_{turn}")
 
-                # Pipelines sent in successive turns overlap: several connections, now idle.
+                # Pipelines sent in successive turns overlap, on one connection.
                 await asyncio.gather(*(claim_in_turn(turn) for turn in range(8)))
-                commands = store._claims.commands
-                assert isinstance(commands, PipelinedCommands)
-                assert len(commands._idle) >= 2
+                assert isinstance(store._claims.commands, PipelinedCommands)
                 proxy.cut()  # what a Redis restart does to every connection
                 with pytest.raises(StoreUnavailable):
                     await store.claim("wh_after_cut")
-                for _ in range(50):
-                    if store.available:
-                        break
-                    await asyncio.sleep(0.05)
+                await until_available(store)
                 assert store.available
                 for n in range(20):
                     assert (await store.claim(f"wh_back_{n}")).state is ClaimState.NEW
@@ -324,3 +324,53 @@ async def test_connections_lost_at_once_are_one_outage_not_a_flapping_one(
     assert len(messages) == 2, messages
     assert "unavailable" in messages[0]
     assert "available again" in messages[1]
+
+
+async def test_a_mark_is_not_waited_for_and_lands_before_close(redis_prefix: str) -> None:
+    store = store_at(redis_prefix)
+    await store.start()
+    claim = await store.claim("wh_marked")
+    landed = store.confirm(claim)
+    assert not landed.done()  # queued for this turn's pipeline: the caller answers at once
+    await store.close()
+    assert landed.done()
+    another_pod = store_at(redis_prefix)
+    await another_pod.start()
+    try:
+        assert (await another_pod.claim("wh_marked")).state is ClaimState.CONFIRMED
+    finally:
+        await another_pod.close()
+
+
+async def test_a_redis_that_stops_answering_fails_every_waiting_command_then_is_reconnected(
+    redis_prefix: str,
+) -> None:
+    redis_url = URL(REDIS_URL)
+    async with holdable_proxy(redis_url.host or "127.0.0.1", redis_url.port or 6379) as proxy:
+        store = store_at(redis_prefix, url=str(redis_url.with_port(proxy.port)), timeout=0.3)
+        await store.start()
+        try:
+            assert (await store.claim("wh_before")).state is ClaimState.NEW
+            proxy.hold()
+
+            async def claim_in_turn(turn: int) -> BaseException | None:
+                for _ in range(turn):
+                    await asyncio.sleep(0)
+                try:
+                    await store.claim(f"wh_held_{turn}")
+                except StoreUnavailable as refused:
+                    return refused
+                return None
+
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            outcomes = await asyncio.gather(*(claim_in_turn(turn) for turn in range(5)))
+            assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes)
+            assert loop.time() - started < 2.0  # bounded by the timeout, not by Redis
+            assert not store.available
+            proxy.resume()
+            await until_available(store)
+            assert store.available
+            assert (await store.claim("wh_after")).state is ClaimState.NEW
+        finally:
+            await store.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,7 +66,13 @@ class InProcessStore:
     async def claim(self, key: str) -> Claim:
         return Claim(key, ClaimState.CONFIRMED if self._remembers(key) else ClaimState.NEW)
 
-    async def confirm(self, claim: Claim) -> None:
+    def confirm(self, claim: Claim) -> asyncio.Future[None]:
+        self._remember(claim.key)
+        landed = asyncio.get_running_loop().create_future()
+        landed.set_result(None)
+        return landed
+
+    def _remember(self, key: str) -> None:
         if self._max_ids == 0 or self._window == 0:
             return
         now = self._clock()
@@ -77,9 +84,9 @@ class InProcessStore:
         ):
             generations.append(_Generation(now))
         current = generations[-1]
-        if claim.key not in current.expiry_by_key:
+        if key not in current.expiry_by_key:
             self._count += 1
-        current.expiry_by_key[claim.key] = current.last_expiry = now + self._window
+        current.expiry_by_key[key] = current.last_expiry = now + self._window
         self._forget_expired(now)
 
     async def release(self, claim: Claim) -> None:

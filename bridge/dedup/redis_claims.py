@@ -35,6 +35,7 @@ expired by itself. Not in a cluster, which never held the previous layout.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import logging
@@ -92,6 +93,11 @@ local function current_bucket(width)
   local now = redis.call('TIME')
   return math.floor((tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) / width)
 end
+-- Numbers reach redis.call and `..` formatted as '%%.17g' (or '%%.14g'), several times
+-- slower than '%%d': every number sent to Redis or put into a key name goes through this.
+local function int(n)
+  return string.format('%%d', n)
+end
 """
     % BUCKETS
 )
@@ -109,11 +115,11 @@ local h = struct.unpack('>I4', digest)
 -- One bucket ahead: another server's clock (a replica promoted since) may be ahead.
 local newest = current_bucket(tonumber(ARGV[5])) + 1
 local buckets = {}
-for bucket = newest - BUCKETS - 1, newest do buckets[#buckets + 1] = bucket end
+for bucket = newest - BUCKETS - 1, newest do buckets[#buckets + 1] = int(bucket) end
 local counts = redis.call('HMGET', KEYS[2], unpack(buckets))
 for i = #buckets, 1, -1 do
   if counts[i] then
-    local shard = stem .. buckets[i] .. ':' .. shard_of(h, tonumber(counts[i]))
+    local shard = stem .. buckets[i] .. ':' .. int(shard_of(h, tonumber(counts[i])))
     if redis.call('HEXISTS', shard, digest) == 1 then return 1 end
   end
 end
@@ -135,10 +141,11 @@ CONFIRM_SCRIPT = (
 local stem, digest = ARGV[1], ARGV[2]
 local width = tonumber(ARGV[4])
 local bucket = current_bucket(width)
-local expire_at = (bucket + 1 + BUCKETS) * width
-local count = tonumber(redis.call('HGET', KEYS[2], bucket) or '0')
-local bucket_stem = stem .. bucket .. ':'
-local shard = bucket_stem .. shard_of(struct.unpack('>I4', digest), count)
+local bucket_name = int(bucket)
+local expire_at = int((bucket + 1 + BUCKETS) * width)
+local count = tonumber(redis.call('HGET', KEYS[2], bucket_name) or '0')
+local bucket_stem = stem .. bucket_name .. ':'
+local shard = bucket_stem .. int(shard_of(struct.unpack('>I4', digest), count))
 if redis.call('HSET', shard, digest, '') == 1 then
   redis.call('PEXPIREAT', shard, expire_at)
   if count == 0 then
@@ -146,13 +153,13 @@ if redis.call('HSET', shard, digest, '') == 1 then
       if tonumber(old) < bucket - BUCKETS - 1 then redis.call('HDEL', KEYS[2], old) end
     end
   end
-  redis.call('HSET', KEYS[2], bucket, count + 1)
+  redis.call('HSET', KEYS[2], bucket_name, int(count + 1))
   if count == 0 then redis.call('PEXPIREAT', KEYS[2], expire_at) end
   local before = shards(count)
   if shards(count + 1) > before then
     -- Linear hashing: shard (before - low) splits into itself and the new shard `before`.
     local low = power_below(before)
-    local from, to = bucket_stem .. (before - low), bucket_stem .. before
+    local from, to = bucket_stem .. int(before - low), bucket_stem .. int(before)
     local moving, fields = {}, {}
     for _, field in ipairs(redis.call('HKEYS', from)) do
       if struct.unpack('>I4', field) % (low * 2) == before then
@@ -193,10 +200,39 @@ class Script:
 
     async def run(self, commands: Commands, tail: tuple[bytes, ...]) -> Any:
         """Run it with ``tail``: the number of keys, the keys, then the arguments."""
-        try:
-            return await commands.run((b"EVALSHA", self.sha, *tail))
-        except NoScriptError:
-            return await commands.run((b"EVAL", self.body, *tail))
+        return await self.send(commands, tail)
+
+    def send(self, commands: Commands, tail: tuple[bytes, ...]) -> asyncio.Future[Any]:
+        """Queue it in this turn's pipeline, to be waited for or not: the future answers
+        what :meth:`run` returns or raises."""
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        by_sha = commands.run((b"EVALSHA", self.sha, *tail))
+        by_sha.add_done_callback(functools.partial(self._whole_if_unknown, commands, tail, answer))
+        return answer
+
+    def _whole_if_unknown(
+        self,
+        commands: Commands,
+        tail: tuple[bytes, ...],
+        answer: asyncio.Future[Any],
+        by_sha: asyncio.Future[Any],
+    ) -> None:
+        if not by_sha.cancelled() and isinstance(by_sha.exception(), NoScriptError):
+            whole = commands.run((b"EVAL", self.body, *tail))
+            whole.add_done_callback(functools.partial(_pass_on, answer))
+        else:
+            _pass_on(answer, by_sha)
+
+
+def _pass_on(answer: asyncio.Future[Any], outcome: asyncio.Future[Any]) -> None:
+    if answer.done():
+        return
+    if outcome.cancelled():
+        answer.cancel()
+    elif (error := outcome.exception()) is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(outcome.result())
 
 
 _CLAIM = Script(CLAIM_SCRIPT)
@@ -268,17 +304,18 @@ class RedisClaims:
         held = await self._look(key, b"", b"0", b"look")
         return None if held is None else state_of(held)
 
-    async def confirm(self, key: str, token: bytes = b"") -> None:
-        """Remember ``key`` for the window, and drop our in-flight claim of it (``token``)."""
+    def confirm(self, key: str, token: bytes = b"") -> asyncio.Future[Any]:
+        """Remember ``key`` for the window, and drop our in-flight claim of it (``token``):
+        queued in this turn's pipeline; the future fails with :class:`StoreUnavailable`."""
         name = key.encode()
         digest = hashlib.blake2b(name, digest_size=DIGEST_BYTES).digest()
         group = self._groups[group_of(digest)]
-        await self.confirm_digest(digest, group.in_flight + name, token)
+        return self.confirm_digest(digest, group.in_flight + name, token)
 
-    async def confirm_digest(self, digest: bytes, in_flight: bytes, token: bytes) -> None:
+    def confirm_digest(self, digest: bytes, in_flight: bytes, token: bytes) -> asyncio.Future[Any]:
         group = self._groups[group_of(digest)]
         tail = (_TWO_KEYS, in_flight, group.counts, group.stem, digest, token, self._bucket_ms)
-        await _CONFIRM.run(self.commands, tail)
+        return _CONFIRM.send(self.commands, tail)
 
     async def release(self, claim: Claim) -> None:
         name = claim.key.encode()

@@ -1,10 +1,9 @@
 """Commands to the shared Redis, sent once per event-loop turn, wherever that Redis is.
 
 All commands issued during one event-loop turn go to Redis as one pipeline (one write,
-one round trip): under load each round trip carries the commands of many requests. Each
-pipeline is bounded as a whole by the store's timeout (``BRIDGE_DEDUP_TIMEOUT``), so
-every command's future is resolved (reply, or :class:`StoreUnavailable`) within that
-timeout of the turn it was issued in.
+one round trip): under load each round trip carries the commands of many requests. Every
+command's future is resolved (reply, or :class:`StoreUnavailable`) within the store's
+timeout (``BRIDGE_DEDUP_TIMEOUT``) of the turn it was issued in.
 
 :func:`connect` makes the sender the URL names (:mod:`bridge.redis_url`): one Redis, the
 master a set of Sentinels names (asked again on every new connection, so a failover is
@@ -15,6 +14,7 @@ each slot's master, following ``MOVED`` answers).
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Any, Protocol
 
 from bridge.dedup.store import StoreUnavailable
@@ -22,6 +22,7 @@ from bridge.extras import MissingExtraError
 from bridge.redis_url import RedisKind, RedisLocation
 
 try:
+    import hiredis
     from redis.asyncio import Redis, RedisCluster
     from redis.asyncio.cluster import ClusterNode
     from redis.asyncio.connection import AbstractConnection
@@ -31,6 +32,7 @@ try:
     from redis.exceptions import (
         ClusterDownError,
         NoScriptError,
+        ReadOnlyError,
         RedisError,
         ResponseError,
     )
@@ -129,25 +131,14 @@ _NODE_LOST = (RedisConnectionError, RedisTimeoutError, ClusterDownError, OSError
 Batch = list[tuple[Command, "asyncio.Future[Any]"]]
 
 
-class PipelinedCommands:
-    """Sends the commands issued during one event-loop turn as one pipeline, to one Redis.
-
-    Each pipeline runs on a connection of its own (made by the client's pool, from the
-    URL, so authentication, database and TLS are redis-py's; for Sentinel, a connection
-    that asks the Sentinels where the master is). The idle connections are kept here
-    rather than in the pool: a connection is reused only after every reply on it was
-    read, so the pool's per-checkout health checks would cost more than the round trip
-    they guard.
-    """
+class _TurnBatcher:
+    """Collects the commands issued during one event-loop turn, and sends them as one."""
 
     sharded = False
 
-    def __init__(self, client: Redis | RedisCluster, *, timeout: float) -> None:
-        self.client = client
+    def __init__(self, *, timeout: float) -> None:
         self.timeout = timeout
         self._pending: Batch = []
-        self._pipelines: set[asyncio.Task[None]] = set()
-        self._idle: list[AbstractConnection] = []
 
     def run(self, command: Command) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -157,15 +148,173 @@ class PipelinedCommands:
             loop.call_soon(self._send)
         return future
 
+    def _send(self) -> None:
+        raise NotImplementedError
+
+
+_NO_REPLY_YET = object()
+
+
+class _Replies(asyncio.Protocol):
+    """One connection to Redis, read by the event loop as bytes arrive: each reply resolves
+    the future of the oldest command still waiting (Redis answers in order).
+
+    No task, timer or coroutine per pipeline or per reply: one timer, set for the oldest
+    waiting command's deadline, closes the connection (and fails every command on it) when
+    that command is still unanswered then, since a reply left unread would be taken for
+    the next command's.
+    """
+
+    def __init__(self, redis_connection: AbstractConnection, timeout: float) -> None:
+        # redis-py made the connection (TLS, AUTH or HELLO, SELECT, CLIENT SETNAME, all from
+        # the URL); from here its socket is read by this protocol instead of its stream.
+        writer = redis_connection._writer
+        assert writer is not None, "redis-py's connection is not connected"
+        self._redis_connection = redis_connection
+        self._transport = writer.transport
+        self._loop = asyncio.get_running_loop()
+        self._timeout = timeout
+        self._parser = hiredis.Reader(notEnoughData=_NO_REPLY_YET)
+        self._waiting: deque[tuple[float, asyncio.Future[Any]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self.open = True
+        self._transport.set_protocol(self)
+
+    def send(self, batch: Batch) -> None:
+        self._transport.write(pack([command for command, _future in batch]))
+        deadline = self._loop.time() + self._timeout
+        self._waiting.extend((deadline, future) for _command, future in batch)
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._check_oldest)
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        try:
+            while (reply := self._parser.gets()) is not _NO_REPLY_YET:
+                if not self._waiting:
+                    raise hiredis.ProtocolError("a reply to no command")
+                _deadline, future = self._waiting.popleft()
+                if isinstance(reply, hiredis.ReplyError):
+                    refusal = _refusal(str(reply))
+                    _fail(future, refusal)
+                    if isinstance(refusal, ReadOnlyError):
+                        # A master demoted to a replica: the next connection asks again
+                        # where the master is (Sentinel), as redis-py's own does.
+                        self.close(refusal)
+                        return
+                elif not future.done():
+                    future.set_result(reply)
+        except hiredis.ProtocolError as error:
+            self.close(error)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self.close(error or RedisConnectionError("Redis closed the connection"))
+
+    def close(self, error: BaseException) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, deque()
+        for _deadline, future in waiting:
+            _fail(future, error)
+        self._transport.abort()
+        self._redis_connection._close()  # type: ignore[no-untyped-call]
+
+    def _check_oldest(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return
+        oldest_deadline = self._waiting[0][0]
+        if oldest_deadline <= self._loop.time():
+            self.close(RedisTimeoutError("no reply within the timeout"))
+        else:
+            self._timer = self._loop.call_at(oldest_deadline, self._check_oldest)
+
+
+class PipelinedCommands(_TurnBatcher):
+    """Sends the commands issued during one event-loop turn as one pipeline, to one Redis,
+    all on one connection: Redis serves one client's commands in order, one at a time, so
+    a second connection would add a socket to read and nothing to the throughput.
+
+    The connection is made by the client's pool, from the URL, so authentication,
+    database and TLS are redis-py's; for Sentinel, a connection that asks the Sentinels
+    where the master is. A lost connection fails the commands waiting on it; the next
+    turn's commands make a new one.
+    """
+
+    def __init__(self, client: Redis, *, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.client = client
+        self._connection: _Replies | None = None
+        self._connecting: asyncio.Task[None] | None = None
+        self._held: list[Batch] = []
+
     async def config_get(self, pattern: str) -> list[dict[str, str]]:
         reply = await self.run((b"CONFIG", b"GET", pattern.encode()))
         return [_text_map(reply)]
 
     async def close(self) -> None:
-        for pipeline in self._pipelines:
-            pipeline.cancel()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            await asyncio.gather(self._connecting, return_exceptions=True)
+        if self._connection is not None:
+            self._connection.close(RedisConnectionError("closed"))
+        await self.client.aclose()
+
+    def _send(self) -> None:
+        batch, self._pending = self._pending, []
+        connection = self._connection
+        if connection is not None and connection.open:
+            connection.send(batch)
+            return
+        self._held.append(batch)
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                pool = self.client.connection_pool
+                redis_connection = pool.make_connection()  # type: ignore[no-untyped-call]
+                await redis_connection.connect()
+            connection = self._connection = _Replies(redis_connection, self.timeout)
+        except BaseException as error:
+            # Whatever happened (cancelled by close() included), no caller is left waiting.
+            held, self._held = self._held, []
+            for batch in held:
+                for _command, future in batch:
+                    _fail(future, error)
+            if not isinstance(error, RedisError | OSError | TimeoutError):
+                raise
+        else:
+            held, self._held = self._held, []
+            for batch in held:
+                connection.send(batch)
+        finally:
+            self._connecting = None
+
+
+class ClusterCommands(_TurnBatcher):
+    """One turn's commands through redis-py's cluster pipeline: split by hash slot, sent to
+    each slot's master concurrently, re-sent where a master answered ``MOVED`` (after a
+    failover or a resharding) once the slot map was read again."""
+
+    sharded = True
+
+    def __init__(self, client: RedisCluster, *, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self.client = client
+        self._pipelines: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        # Each pipeline ends within the timeout: let those sent be answered.
         await asyncio.gather(*self._pipelines, return_exceptions=True)
-        await self._disconnect_idle()
         await self.client.aclose()
 
     def _send(self) -> None:
@@ -179,55 +328,14 @@ class PipelinedCommands:
             async with asyncio.timeout(self.timeout):
                 await self._round_trip(batch)
         except BaseException as error:
-            # Whatever happened (cancelled by close() included), no caller is left waiting.
+            # Whatever happened (a cancellation included), no caller is left waiting.
             for _command, future in batch:
                 _fail(future, error)
             if not isinstance(error, RedisError | OSError | TimeoutError):
                 raise
 
-    async def _round_trip(self, batch: Batch) -> None:
-        connection = await self._checkout()
-        try:
-            await connection.send_packed_command(pack([c for c, _ in batch]), False)
-            for _command, future in batch:
-                try:
-                    reply = await connection.read_response()
-                except ResponseError as refusal:
-                    _fail(future, refusal)
-                else:
-                    if not future.done():
-                        future.set_result(reply)
-        except BaseException:
-            # A reply left unread would be taken for the next command's; and the idle
-            # connections most likely lost their server too (a restart, a failover).
-            await connection.disconnect(nowait=True)
-            await self._disconnect_idle()
-            raise
-        self._idle.append(connection)
-
-    async def _disconnect_idle(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.disconnect(nowait=True)
-
-    async def _checkout(self) -> AbstractConnection:
-        if self._idle:
-            return self._idle.pop()
-        pool = self.client.connection_pool  # type: ignore[union-attr]
-        connection: AbstractConnection = pool.make_connection()
-        await connection.connect()  # type: ignore[no-untyped-call]
-        return connection
-
-
-class ClusterCommands(PipelinedCommands):
-    """One turn's commands through redis-py's cluster pipeline: split by hash slot, sent to
-    each slot's master concurrently, re-sent where a master answered ``MOVED`` (after a
-    failover or a resharding) once the slot map was read again."""
-
-    sharded = True
-
     async def config_get(self, pattern: str) -> list[dict[str, str]]:
-        cluster: RedisCluster = self.client  # type: ignore[assignment]
+        cluster = self.client
         try:
             async with asyncio.timeout(self.timeout):
                 replies = await cluster.config_get(pattern, target_nodes=RedisCluster.PRIMARIES)
@@ -288,6 +396,15 @@ def _finished_alone(pipeline: asyncio.Task[None]) -> None:
     """Retrieves what a pipeline left to finish after its deadline ended with."""
     if not pipeline.cancelled():
         pipeline.exception()
+
+
+def _refusal(message: str) -> ResponseError:
+    """Redis's error reply as redis-py's exception for it (the ones this module tells apart)."""
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    if message.startswith("READONLY"):
+        return ReadOnlyError(message)
+    return ResponseError(message)
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

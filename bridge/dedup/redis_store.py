@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 from bridge.dedup.redis_claims import RedisClaims
 from bridge.dedup.redis_pipeline import Commands
@@ -41,6 +43,28 @@ async def wait_for_state(claims: RedisClaims, key: str, within: float) -> ClaimS
         pause = min(pause * 2, _LONGEST_POLL_SECONDS)
 
 
+class _StoreCall:
+    """Times one store call; a failure opens the circuit. (A class: on every claim, a
+    generator-based context manager would cost more than the rest of the bookkeeping.)"""
+
+    __slots__ = ("started", "store")
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self.started = time.monotonic()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, error: BaseException | None, traceback: object) -> None:
+        self.ended(error)
+
+    def ended(self, error: BaseException | None) -> None:
+        if isinstance(error, StoreUnavailable):
+            self.store._went_down(error)
+        self.store._observe_seconds(time.monotonic() - self.started)
+
+
 class RedisStore:
     """The bridge's shared store: ids claimed while publishing, confirmed for the window.
 
@@ -68,6 +92,7 @@ class RedisStore:
         self._observe_seconds = observe_seconds
         self._available = True
         self._probe: asyncio.Task[None] | None = None
+        self._marks: set[asyncio.Future[None]] = set()
 
     @property
     def available(self) -> bool:
@@ -86,44 +111,42 @@ class RedisStore:
             self._probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
+        # Requests do not wait for their marks: let those sent land (each within the
+        # timeout) before the connection goes.
+        await asyncio.gather(*self._marks)
+        self._available = False  # what closing fails is no outage to report
         await self._claims.commands.close()
 
     async def claim(self, key: str) -> Claim:
         if not self._available:
             raise StoreUnavailable("known to be down")
-        with self._call():
+        with _StoreCall(self):
             return await self._claims.claim(key, self._claim_ttl_ms)
 
-    async def confirm(self, claim: Claim) -> None:
+    def confirm(self, claim: Claim) -> asyncio.Future[None]:
+        landed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._available:
-            with contextlib.suppress(StoreUnavailable), self._call():
-                await self._claims.confirm(claim.key, claim.token)
+            answer = self._claims.confirm(claim.key, claim.token)
+            answer.add_done_callback(functools.partial(_confirmed, _StoreCall(self), landed))
+            self._marks.add(landed)
+            landed.add_done_callback(self._marks.discard)
+        else:
+            landed.set_result(None)
+        return landed
 
     async def release(self, claim: Claim) -> None:
         # While Redis is down the claim cannot be dropped; it expires after its TTL.
         if self._available:
-            with contextlib.suppress(StoreUnavailable), self._call():
+            with contextlib.suppress(StoreUnavailable), _StoreCall(self):
                 await self._claims.release(claim)
 
     async def wait_confirmed(self, key: str, within: float) -> bool:
         try:
-            with self._call():
+            with _StoreCall(self):
                 state = await wait_for_state(self._claims, key, within)
         except StoreUnavailable:
             return False
         return state is ClaimState.CONFIRMED
-
-    @contextlib.contextmanager
-    def _call(self) -> Iterator[None]:
-        """Time one store call; a failure opens the circuit."""
-        started = time.monotonic()
-        try:
-            yield
-        except StoreUnavailable as error:
-            self._went_down(error)
-            raise
-        finally:
-            self._observe_seconds(time.monotonic() - started)
 
     async def _prepare(self) -> None:
         await self._claims.write_probe()
@@ -152,3 +175,8 @@ class RedisStore:
         self._available = True
         self._probe = None
         logger.warning("deduplication store at %s available again", self._location)
+
+
+def _confirmed(call: _StoreCall, landed: asyncio.Future[None], answer: asyncio.Future[Any]) -> None:
+    call.ended(None if answer.cancelled() else answer.exception())
+    landed.set_result(None)

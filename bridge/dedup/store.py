@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
 from typing import Protocol
@@ -44,9 +45,11 @@ class DedupStore(Protocol):
         """Claim ``key`` atomically, or say who has it. Raises :class:`StoreUnavailable`."""
         ...
 
-    async def confirm(self, claim: Claim) -> None:
-        """Remember ``claim.key`` as confirmed for the window. Never raises: a failure is
-        logged and costs at most a later duplicate."""
+    def confirm(self, claim: Claim) -> asyncio.Future[None]:
+        """Remember ``claim.key`` as confirmed for the window, without waiting: a shared
+        store is sent the confirm in this turn's pipeline, and the returned future tells
+        when it landed. It never fails: a failure is logged and costs at most a later
+        duplicate, so nobody need wait for it (the bridge answers 2xx without)."""
         ...
 
     async def release(self, claim: Claim) -> None:
