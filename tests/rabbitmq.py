@@ -97,8 +97,11 @@ class BrokerUser:
 
 @contextlib.contextmanager
 def temporary_user() -> Iterator[BrokerUser]:
-    """A broker user with a random password and full rights on ``/``, deleted on exit."""
-    user = BrokerUser(f"test-{uuid.uuid4().hex[:10]}", secrets.token_urlsafe(18))
+    """A broker user with a random password and full rights on ``/``, deleted on exit.
+
+    The password is hex: rabbitmqctl takes an argument that starts with ``-`` (as one
+    in 64 URL-safe tokens does) for an option."""
+    user = BrokerUser(f"test-{uuid.uuid4().hex[:10]}", secrets.token_hex(18))
     rabbitmqctl("add_user", user.name, user.password)
     try:
         rabbitmqctl("set_permissions", "-p", "/", user.name, ".*", ".*", ".*")
