@@ -406,17 +406,7 @@ async def test_server_errors_are_retried_until_the_object_comes(hydrating: Hydra
     assert_object(message, sent)
     assert hydrating.standin.object_calls(f"/responses/{object_id}") == 4
     assert sample(worker, "webhook_bridge_hydrate_retries_total", reason="server_error") == 3
-    # Counted once the confirm is back, which can be just after the object is readable.
-    await until(
-        lambda: sample(
-            worker,
-            "webhook_bridge_hydrations_total",
-            event_type="response.completed",
-            result="published",
-        )
-        == 1,
-        "the publish is counted",
-    )
+    await until_counted(worker, "response.completed", "published", 1)
 
 
 async def test_a_timed_out_call_is_retried(hydrating: Hydrating) -> None:
@@ -447,12 +437,7 @@ async def test_an_api_that_keeps_failing_hands_the_event_back_then_records_it(
     assert record.body == sent.body
     assert record.headers[FAILURE_HEADER] == "server_error"
     assert hydrating.standin.object_calls(f"/batches/{object_id}") == 4
-    assert (
-        sample(
-            worker, "webhook_bridge_hydrations_total", event_type="batch.failed", result="requeued"
-        )
-        == 1
-    )
+    await until_counted(worker, "batch.failed", "requeued", 1)
     assert await hydrating.depth(hydrating.objects_queue) == 0
 
 
@@ -556,15 +541,7 @@ async def test_an_object_that_stays_stale_is_published_marked(hydrating: Hydrati
     assert message.headers[STALE_HEADER] is True
     assert message.message_id == sent.webhook_id
     assert hydrating.standin.object_calls(f"/responses/{object_id}") == 3
-    assert (
-        sample(
-            worker,
-            "webhook_bridge_hydrations_total",
-            event_type="response.completed",
-            result="stale",
-        )
-        == 1
-    )
+    await until_counted(worker, "response.completed", "stale", 1)
 
 
 async def test_a_refused_key_stops_fetching_and_keeps_the_events_queued(
@@ -766,6 +743,20 @@ async def test_a_worker_killed_mid_way_loses_nothing_and_publishes_nothing_twice
     for message in messages:
         assert_object(message, next(s for s in sent if s.webhook_id == message.message_id))
     assert await hydrating.depth(hydrating.objects_queue) == 0
+
+
+async def until_counted(
+    worker: HydrationWorker, event_type: str, result: str, expected: float
+) -> None:
+    """A hydration's result is counted once the broker's confirm is back, which can be just
+    after its message is readable from the queue."""
+    await until(
+        lambda: (
+            sample(worker, "webhook_bridge_hydrations_total", event_type=event_type, result=result)
+            == expected
+        ),
+        f"{expected:g} {result} hydration(s) of {event_type} counted",
+    )
 
 
 def sample(worker: HydrationWorker, name: str, **labels: str) -> float:
