@@ -10,9 +10,8 @@ are written again by the commands in their headers.
 from __future__ import annotations
 
 import importlib.metadata
-import platform
+import os
 import re
-import sys
 import tomllib
 from pathlib import Path
 
@@ -142,8 +141,9 @@ def test_floors_exclude_releases_with_known_flaws(package: str, fixed: str, advi
 
 
 @pytest.mark.skipif(
-    (sys.version_info[:2], sys.platform, platform.machine()) != ((3, 11), "linux", "x86_64"),
-    reason="constraints.txt pins CPython 3.11 on Linux x86_64",
+    os.environ.get("BRIDGE_TEST_PINNED") != "1",
+    reason="installed with pip install -e '.[test]', the newest releases allowed; "
+    "bash .ci/run installs the pins and sets BRIDGE_TEST_PINNED=1",
 )
 def test_this_environment_runs_the_pinned_versions() -> None:
     """The suite runs on what constraints.txt pins: .ci/run installs nothing else."""

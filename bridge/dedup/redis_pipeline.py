@@ -82,7 +82,8 @@ def connect(location: RedisLocation, *, timeout: float) -> Commands:
         )
         return ClusterCommands(cluster, timeout=timeout)
     if location.kind is RedisKind.SENTINEL:
-        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        # redis 8.1 leaves Sentinel's __init__ untyped and 8.2 types it; the floor allows both.
+        sentinels = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             list(location.hosts), socket_connect_timeout=timeout, socket_timeout=timeout
         )
         master = sentinels.master_for(
